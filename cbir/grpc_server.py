@@ -1,0 +1,186 @@
+"""The scaffolding every cbir gRPC server shares.
+
+Each service starts the same way: settings -> logging -> `GrpcService(...)` -> add its servicer ->
+`start()` (health NOT_SERVING, reflection, metrics port) -> load model/index -> `set_serving()` ->
+`wait()` until SIGTERM/SIGINT, then a graceful stop. Interceptors time every RPC and turn domain
+errors into gRPC statuses in one place.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from concurrent import futures
+from typing import Callable
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from cbir import metrics
+from cbir.errors import CbirError
+
+log = logging.getLogger(__name__)
+
+
+def _split_method(full_method: str) -> tuple[str, str]:
+    # "/cbir.v1.Indexer/QueryVector" -> ("cbir.v1.Indexer", "QueryVector")
+    _, service, method = full_method.split("/", 2)
+    return service, method
+
+
+def _wrap_unary(handler: grpc.RpcMethodHandler, wrap: Callable) -> grpc.RpcMethodHandler:
+    if handler is None or handler.unary_unary is None:
+        return handler  # cbir has only unary RPCs; health Watch (streaming) passes through untouched
+    return handler._replace(unary_unary=wrap(handler.unary_unary))
+
+
+class MetricsInterceptor(grpc.ServerInterceptor):
+    """Counts and times every unary RPC, by method and final status code."""
+
+    def intercept_service(self, continuation, handler_call_details):
+        service, method = _split_method(handler_call_details.method)
+
+        def wrap(behavior):
+            def observed(request, context):
+                metrics.RPC_STARTED.labels(service, method).inc()
+                in_flight = metrics.RPC_IN_FLIGHT.labels(service, method)
+                in_flight.inc()
+                start = time.perf_counter()
+                code = grpc.StatusCode.OK
+                try:
+                    return behavior(request, context)
+                except BaseException:
+                    code = context.code() or grpc.StatusCode.UNKNOWN
+                    raise
+                finally:
+                    if code is grpc.StatusCode.OK and context.code() is not None:
+                        code = context.code()
+                    in_flight.dec()
+                    metrics.RPC_SECONDS.labels(service, method).observe(time.perf_counter() - start)
+                    metrics.RPC_HANDLED.labels(service, method, code.name).inc()
+
+            return observed
+
+        return _wrap_unary(continuation(handler_call_details), wrap)
+
+
+class ErrorInterceptor(grpc.ServerInterceptor):
+    """Domain errors -> their status code and message; anything else -> INTERNAL, traceback logged."""
+
+    def intercept_service(self, continuation, handler_call_details):
+        method = handler_call_details.method
+
+        def wrap(behavior):
+            def guarded(request, context):
+                try:
+                    return behavior(request, context)
+                except CbirError as error:
+                    context.abort(error.code, str(error))
+                except Exception:
+                    if context.code() is not None:  # the handler already aborted with a status
+                        raise
+                    log.exception("unexpected error in %s", method)
+                    context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}; see the server log")
+
+            return guarded
+
+        return _wrap_unary(continuation(handler_call_details), wrap)
+
+
+class GrpcService:
+    """A gRPC server with health checking, reflection, interceptors and a metrics port."""
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        metrics_host: str | None = None,
+        metrics_port: int | None = None,
+        max_workers: int = 16,
+        max_concurrent_rpcs: int | None = None,
+        max_message_bytes: int = 16 * 1024 * 1024,
+        grace_seconds: float = 5.0,
+    ):
+        self.name = name
+        self._address = f"{host}:{port}"
+        self._metrics_host = metrics_host or host
+        self._metrics_port = metrics_port
+        self._grace_seconds = grace_seconds
+        self._service_names: list[str] = []
+        self._stopped = threading.Event()
+        self._metrics_server = None
+        self.port: int | None = None
+        self.metrics_port: int | None = None
+        self.server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix=f"{name}-rpc"),
+            interceptors=[MetricsInterceptor(), ErrorInterceptor()],
+            maximum_concurrent_rpcs=max_concurrent_rpcs,
+            options=[
+                ("grpc.max_receive_message_length", max_message_bytes),
+                ("grpc.max_send_message_length", max_message_bytes),
+                ("grpc.so_reuseport", 0),
+            ],
+        )
+        self.health = health.HealthServicer(experimental_non_blocking=True)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+
+    def add(self, add_to_server: Callable, servicer, service_name: str) -> None:
+        """Register a servicer, e.g. `add(indexer_pb2_grpc.add_IndexerServicer_to_server, s, "cbir.v1.Indexer")`."""
+        add_to_server(servicer, self.server)
+        self._service_names.append(service_name)
+
+    def start(self) -> int:
+        """Bind, start serving (health NOT_SERVING until `set_serving`), start /metrics. Returns the port."""
+        reflection.enable_server_reflection(
+            [*self._service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server
+        )
+        self.port = self.server.add_insecure_port(self._address)
+        if self.port == 0:
+            raise OSError(f"{self.name}: cannot listen on {self._address} (port in use?)")
+        self.set_serving(False)
+        self.server.start()
+        if self._metrics_port is not None:
+            self._metrics_server, self.metrics_port = metrics.start_metrics_server(
+                self._metrics_port, self._metrics_host
+            )
+        log.info(
+            "%s listening on %s (gRPC port %s, metrics port %s)",
+            self.name, self._address, self.port, self.metrics_port,
+        )
+        return self.port
+
+    def set_serving(self, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ["", *self._service_names]:
+            self.health.set(name, status)
+
+    def stop(self, grace: float | None = None) -> None:
+        """Refuse new RPCs, let those in flight finish for `grace` seconds, then stop."""
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        self.health.enter_graceful_shutdown()
+        self.server.stop(self._grace_seconds if grace is None else grace).wait()
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+            self._metrics_server.server_close()
+        log.info("%s stopped", self.name)
+
+    def wait(self) -> None:
+        """Block until SIGTERM or SIGINT, then stop gracefully. Call from the main thread."""
+        received = threading.Event()
+
+        def on_signal(signum, _frame):
+            log.info("%s: received %s, shutting down", self.name, signal.Signals(signum).name)
+            received.set()
+
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+        while not received.wait(1.0) and not self._stopped.is_set():
+            pass
+        self.stop()

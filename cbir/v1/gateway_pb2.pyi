@@ -1,0 +1,90 @@
+from cbir.v1 import common_pb2 as _common_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class SearchByImageRequest(_message.Message):
+    __slots__ = ("image", "k", "search_k")
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    K_FIELD_NUMBER: _ClassVar[int]
+    SEARCH_K_FIELD_NUMBER: _ClassVar[int]
+    image: bytes
+    k: int
+    search_k: int
+    def __init__(self, image: _Optional[bytes] = ..., k: _Optional[int] = ..., search_k: _Optional[int] = ...) -> None: ...
+
+class Timings(_message.Message):
+    __slots__ = ("embed_ms", "index_ms", "total_ms")
+    EMBED_MS_FIELD_NUMBER: _ClassVar[int]
+    INDEX_MS_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_MS_FIELD_NUMBER: _ClassVar[int]
+    embed_ms: float
+    index_ms: float
+    total_ms: float
+    def __init__(self, embed_ms: _Optional[float] = ..., index_ms: _Optional[float] = ..., total_ms: _Optional[float] = ...) -> None: ...
+
+class SearchByImageResponse(_message.Message):
+    __slots__ = ("hits", "bundle_version", "timings")
+    HITS_FIELD_NUMBER: _ClassVar[int]
+    BUNDLE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    TIMINGS_FIELD_NUMBER: _ClassVar[int]
+    hits: _containers.RepeatedCompositeFieldContainer[_common_pb2.Hit]
+    bundle_version: str
+    timings: Timings
+    def __init__(self, hits: _Optional[_Iterable[_Union[_common_pb2.Hit, _Mapping]]] = ..., bundle_version: _Optional[str] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ...) -> None: ...
+
+class SearchByIdRequest(_message.Message):
+    __slots__ = ("item_id", "k", "search_k", "exclude_self")
+    ITEM_ID_FIELD_NUMBER: _ClassVar[int]
+    K_FIELD_NUMBER: _ClassVar[int]
+    SEARCH_K_FIELD_NUMBER: _ClassVar[int]
+    EXCLUDE_SELF_FIELD_NUMBER: _ClassVar[int]
+    item_id: str
+    k: int
+    search_k: int
+    exclude_self: bool
+    def __init__(self, item_id: _Optional[str] = ..., k: _Optional[int] = ..., search_k: _Optional[int] = ..., exclude_self: _Optional[bool] = ...) -> None: ...
+
+class SearchByIdResponse(_message.Message):
+    __slots__ = ("hits", "bundle_version", "timings")
+    HITS_FIELD_NUMBER: _ClassVar[int]
+    BUNDLE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    TIMINGS_FIELD_NUMBER: _ClassVar[int]
+    hits: _containers.RepeatedCompositeFieldContainer[_common_pb2.Hit]
+    bundle_version: str
+    timings: Timings
+    def __init__(self, hits: _Optional[_Iterable[_Union[_common_pb2.Hit, _Mapping]]] = ..., bundle_version: _Optional[str] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ...) -> None: ...
+
+class GetStatusRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class UpstreamStatus(_message.Message):
+    __slots__ = ("name", "target", "state", "detail")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    target: str
+    state: str
+    detail: str
+    def __init__(self, name: _Optional[str] = ..., target: _Optional[str] = ..., state: _Optional[str] = ..., detail: _Optional[str] = ...) -> None: ...
+
+class GetStatusResponse(_message.Message):
+    __slots__ = ("upstreams", "model", "index", "compatible", "detail")
+    UPSTREAMS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    COMPATIBLE_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    upstreams: _containers.RepeatedCompositeFieldContainer[UpstreamStatus]
+    model: _common_pb2.ModelInfo
+    index: _common_pb2.IndexInfo
+    compatible: bool
+    detail: str
+    def __init__(self, upstreams: _Optional[_Iterable[_Union[UpstreamStatus, _Mapping]]] = ..., model: _Optional[_Union[_common_pb2.ModelInfo, _Mapping]] = ..., index: _Optional[_Union[_common_pb2.IndexInfo, _Mapping]] = ..., compatible: _Optional[bool] = ..., detail: _Optional[str] = ...) -> None: ...

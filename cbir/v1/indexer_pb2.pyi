@@ -1,0 +1,70 @@
+from cbir.v1 import common_pb2 as _common_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class QueryVectorRequest(_message.Message):
+    __slots__ = ("vector", "k", "search_k", "model_fingerprint")
+    VECTOR_FIELD_NUMBER: _ClassVar[int]
+    K_FIELD_NUMBER: _ClassVar[int]
+    SEARCH_K_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    vector: _common_pb2.Vector
+    k: int
+    search_k: int
+    model_fingerprint: str
+    def __init__(self, vector: _Optional[_Union[_common_pb2.Vector, _Mapping]] = ..., k: _Optional[int] = ..., search_k: _Optional[int] = ..., model_fingerprint: _Optional[str] = ...) -> None: ...
+
+class QueryVectorResponse(_message.Message):
+    __slots__ = ("hits", "bundle_version")
+    HITS_FIELD_NUMBER: _ClassVar[int]
+    BUNDLE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    hits: _containers.RepeatedCompositeFieldContainer[_common_pb2.Hit]
+    bundle_version: str
+    def __init__(self, hits: _Optional[_Iterable[_Union[_common_pb2.Hit, _Mapping]]] = ..., bundle_version: _Optional[str] = ...) -> None: ...
+
+class QueryItemRequest(_message.Message):
+    __slots__ = ("item_id", "k", "search_k", "exclude_self")
+    ITEM_ID_FIELD_NUMBER: _ClassVar[int]
+    K_FIELD_NUMBER: _ClassVar[int]
+    SEARCH_K_FIELD_NUMBER: _ClassVar[int]
+    EXCLUDE_SELF_FIELD_NUMBER: _ClassVar[int]
+    item_id: str
+    k: int
+    search_k: int
+    exclude_self: bool
+    def __init__(self, item_id: _Optional[str] = ..., k: _Optional[int] = ..., search_k: _Optional[int] = ..., exclude_self: _Optional[bool] = ...) -> None: ...
+
+class QueryItemResponse(_message.Message):
+    __slots__ = ("hits", "bundle_version")
+    HITS_FIELD_NUMBER: _ClassVar[int]
+    BUNDLE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    hits: _containers.RepeatedCompositeFieldContainer[_common_pb2.Hit]
+    bundle_version: str
+    def __init__(self, hits: _Optional[_Iterable[_Union[_common_pb2.Hit, _Mapping]]] = ..., bundle_version: _Optional[str] = ...) -> None: ...
+
+class GetItemsRequest(_message.Message):
+    __slots__ = ("item_ids",)
+    ITEM_IDS_FIELD_NUMBER: _ClassVar[int]
+    item_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, item_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class GetItemsResponse(_message.Message):
+    __slots__ = ("items",)
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    items: _containers.RepeatedCompositeFieldContainer[_common_pb2.Item]
+    def __init__(self, items: _Optional[_Iterable[_Union[_common_pb2.Item, _Mapping]]] = ...) -> None: ...
+
+class GetIndexInfoRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class GetIndexInfoResponse(_message.Message):
+    __slots__ = ("index",)
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    index: _common_pb2.IndexInfo
+    def __init__(self, index: _Optional[_Union[_common_pb2.IndexInfo, _Mapping]] = ...) -> None: ...
