@@ -1,0 +1,196 @@
+"""`cbir demo`: index the demo photos, then run embedder, indexer, gateway and UI as local
+processes until Ctrl-C. Each service is the same `cbir serve ...` a user would run by hand."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from cbir.logs import setup_logging
+
+log = logging.getLogger("cbir.demo")
+REPO_PHOTOS = pathlib.Path(__file__).resolve().parent.parent / "demo" / "photos"
+
+
+@dataclasses.dataclass
+class DemoOptions:
+    photos: pathlib.Path | None = None
+    workdir: pathlib.Path = pathlib.Path("var/demo")
+    weights: str = "auto"
+    rebuild: bool = False
+    ui_port: int = 7860
+    gateway_port: int = 50050
+    embedder_port: int = 50051
+    indexer_port: int = 50052
+    start_timeout_s: float = 300.0
+
+
+@dataclasses.dataclass
+class Service:
+    name: str
+    args: list[str]
+    grpc_port: int | None = None
+    http_port: int | None = None
+    process: subprocess.Popen | None = None
+    log_path: pathlib.Path | None = None
+
+
+def run_demo(options: DemoOptions) -> int:
+    setup_logging()
+    photos = (options.photos or REPO_PHOTOS).resolve()
+    workdir = options.workdir.resolve()
+    bundle = workdir / "bundle"
+    ensure_demo_bundle(photos, bundle, options.weights, options.rebuild)
+
+    o = options
+    services = [
+        Service("embedder", ["embedder", "--port", str(o.embedder_port), "--metrics-port", "9101",
+                             "--weights", o.weights], grpc_port=o.embedder_port),
+        Service("indexer", ["indexer", "--port", str(o.indexer_port), "--metrics-port", "9102",
+                            "--bundle", str(bundle)], grpc_port=o.indexer_port),
+        Service("gateway", ["gateway", "--port", str(o.gateway_port), "--metrics-port", "9100",
+                            "--embedder", f"127.0.0.1:{o.embedder_port}",
+                            "--indexer", f"127.0.0.1:{o.indexer_port}"], grpc_port=o.gateway_port),
+        Service("ui", ["ui", "--port", str(o.ui_port), "--gateway", f"127.0.0.1:{o.gateway_port}",
+                       "--media-root", str(photos)], http_port=o.ui_port),
+    ]
+    logs = workdir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    stopping = False
+
+    def on_signal(signum, _frame):
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        for service in services:
+            start(service, logs)
+        for service in services:
+            wait_until_ready(service, options.start_timeout_s, lambda: stopping)
+        print(
+            "\ncbir demo is running:\n"
+            f"  UI       http://127.0.0.1:{o.ui_port}\n"
+            f"  gateway  127.0.0.1:{o.gateway_port}   (try: cbir search {photos / 'skimage-astronaut.jpg'})\n"
+            f"  metrics  http://127.0.0.1:9100/metrics (gateway), :9101 (embedder), :9102 (indexer), "
+            f"http://127.0.0.1:{o.ui_port}/metrics (ui)\n"
+            f"  logs     {logs}\n"
+            "Press Ctrl-C to stop.\n",
+            flush=True,
+        )
+        while not stopping:
+            for service in services:
+                if service.process.poll() is not None:
+                    raise RuntimeError(f"{service.name} exited with code {service.process.returncode}")
+            time.sleep(0.5)
+        return 0
+    except RuntimeError as error:
+        log.error("%s", error)
+        for service in services:
+            if service.process is not None and service.process.poll() is not None:
+                print_log_tail(service)
+        return 1
+    finally:
+        stop_all(services)
+
+
+def ensure_demo_bundle(photos: pathlib.Path, bundle: pathlib.Path, weights: str, rebuild: bool) -> None:
+    """Build the demo bundle unless one built with the same model already exists."""
+    from cbir.ingest.build import BuildOptions, build_index
+    from cbir.ingest.embedding import LocalEmbedding
+    from services.embedder.embedder import Embedder
+    from services.embedder.settings import EmbedderSettings
+
+    settings = EmbedderSettings(weights=weights)
+    embedder = Embedder.from_settings(settings)
+    current = _current_manifest(bundle)
+    if current and not rebuild and current.get("model", {}).get("fingerprint") == embedder.info.fingerprint:
+        log.info("demo bundle %s is up to date (%s items)", bundle, current.get("item_count"))
+        return
+    log.info("building the demo index over %s", photos)
+    result = build_index(photos, bundle, LocalEmbedding(embedder, max_pixels=settings.max_pixels), BuildOptions())
+    log.info("built %s: %d images in %.1f s (%.1f images/s), %d rejected",
+             result.bundle, result.items, result.seconds, result.images_per_second, result.rejected)
+
+
+def _current_manifest(bundle: pathlib.Path) -> dict | None:
+    try:
+        version = (bundle / "current").read_text().strip()
+        return json.loads((bundle / version / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def start(service: Service, logs: pathlib.Path) -> None:
+    service.log_path = logs / f"{service.name}.log"
+    handle = service.log_path.open("w")
+    command = [sys.executable, "-m", "cbir", "serve", *service.args]
+    log.info("starting %s: %s", service.name, " ".join(command[1:]))
+    # Own process group: Ctrl-C reaches only the demo, which then stops the services in order.
+    service.process = subprocess.Popen(
+        command, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+
+
+def wait_until_ready(service: Service, timeout_s: float, stopping) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and not stopping():
+        if service.process.poll() is not None:
+            raise RuntimeError(f"{service.name} exited during start-up (code {service.process.returncode})")
+        if _ready(service):
+            log.info("%s is ready", service.name)
+            return
+        time.sleep(0.5)
+    if not stopping():
+        raise RuntimeError(f"{service.name} not ready after {timeout_s:.0f} s; see {service.log_path}")
+
+
+def _ready(service: Service) -> bool:
+    if service.grpc_port is not None:
+        with grpc.insecure_channel(f"127.0.0.1:{service.grpc_port}") as channel:
+            try:
+                reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1)
+                return reply.status == health_pb2.HealthCheckResponse.SERVING
+            except grpc.RpcError:
+                return False
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{service.http_port}/", timeout=1) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+def stop_all(services: list[Service], grace_s: float = 10.0) -> None:
+    for service in reversed(services):
+        if service.process is not None and service.process.poll() is None:
+            service.process.send_signal(signal.SIGTERM)
+    for service in reversed(services):
+        if service.process is None:
+            continue
+        try:
+            service.process.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            log.warning("%s did not stop in %.0f s; killing it", service.name, grace_s)
+            service.process.kill()
+            service.process.wait()
+    if any(s.process is not None for s in services):
+        log.info("all services stopped")
+
+
+def print_log_tail(service: Service, lines: int = 30) -> None:
+    if service.log_path and service.log_path.exists():
+        tail = service.log_path.read_text(errors="replace").splitlines()[-lines:]
+        print(f"--- last lines of {service.log_path} ---", *tail, sep="\n", file=sys.stderr)

@@ -1,0 +1,1 @@
+"""The offline index build: list a collection, embed it, write an index bundle."""
