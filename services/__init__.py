@@ -1,0 +1,1 @@
+"""The cbir gRPC services: embedder, indexer, gateway. Each runs with `python -m services.<name>`."""

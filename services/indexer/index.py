@@ -1,0 +1,263 @@
+"""Queries over one opened index bundle, and the one reference to the bundle being served.
+
+`SearchIndex` answers the indexer's questions (nearest items to a vector or to an indexed item,
+items by id, what is served) on plain Python/NumPy values; the gRPC servicer only translates.
+Annoy queries release the GIL and are safe to run concurrently on a read-only index; item
+lookups use one read-only SQLite connection per thread (`cbir.bundle.Bundle`).
+
+`IndexHolder` is the single place that holds the served `SearchIndex`. Requests `lease()` it for
+their duration; `swap()` installs another one (a hot reload), after which the old one can be
+`close()`d: that waits until the requests still using it are done, so none is ever dropped and
+no query touches an unmapped index.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from cbir import metrics
+from cbir.bundle import Bundle, ItemRecord
+from cbir.errors import Incompatible, InvalidRequest, NotFound, NotReady
+from cbir.v1 import common_pb2
+
+SERVICE = "indexer"
+_INT32_MAX = 2**31 - 1
+_MAX_IDS_SHOWN = 5
+
+
+@dataclass(frozen=True)
+class SearchHit:
+    item_id: str
+    url: str
+    distance: float  # Annoy's, in the bundle's metric (after PCA, if any)
+    score: float  # similarity in [0, 1], 1 = identical
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+def score(metric: str, distance: float) -> float:
+    """Similarity in [0, 1] from an Annoy distance.
+
+    angular: Annoy's distance is sqrt(2 - 2 cos), so the cosine is 1 - d^2 / 2 (clipped to [0, 1]:
+    opposite directions score 0); euclidean and manhattan: 1 / (1 + d).
+    """
+    if metric == "angular":
+        return float(min(1.0, max(0.0, 1.0 - distance * distance / 2.0)))
+    return float(1.0 / (1.0 + max(0.0, distance)))
+
+
+class SearchIndex:
+    """Nearest-neighbour search and item lookups over one `Bundle`."""
+
+    def __init__(self, bundle: Bundle, *, max_k: int = 1000):
+        self.bundle = bundle
+        self.max_k = max_k
+        manifest = bundle.manifest
+        # Annoy may find more roots than trees were asked for in tiny indexes; a search that
+        # inspects roots * items candidates has visited every leaf of every tree.
+        roots = max(manifest.trees, bundle.index.get_n_trees())
+        self._exhaustive_search_k = min(roots * manifest.item_count, _INT32_MAX)
+        self._users = 0
+        self._closing = False
+        self._idle = threading.Condition()
+
+    # -- what is served
+    @property
+    def version(self) -> str:
+        return self.bundle.version
+
+    @property
+    def input_dimension(self) -> int:
+        return self.bundle.input_dimension
+
+    @property
+    def item_count(self) -> int:
+        return self.bundle.item_count
+
+    @property
+    def model_fingerprint(self) -> str:
+        return self.bundle.model_fingerprint
+
+    def info(self) -> common_pb2.IndexInfo:
+        m = self.bundle.manifest
+        return common_pb2.IndexInfo(
+            item_count=m.item_count,
+            dimension=m.index_dimension,
+            input_dimension=m.input_dimension,
+            metric=m.metric,
+            trees=m.trees,
+            model_fingerprint=m.model_fingerprint,
+            model=m.model_info(),
+            bundle_version=m.version,
+            bundle_path=str(self.bundle.path),
+            created_at=m.created_at,
+            pca_dimension=m.pca.dimension if m.pca else 0,
+            pca_whiten=bool(m.pca and m.pca.whiten),
+            default_search_k=m.default_search_k,
+        )
+
+    # -- checks
+    def check_fingerprint(self, model_fingerprint: str) -> None:
+        """Incompatible when a vector's model fingerprint is given and is not the bundle's."""
+        if model_fingerprint and model_fingerprint != self.model_fingerprint:
+            model = self.bundle.manifest.model
+            raise Incompatible(
+                f"the query vector was made by model {model_fingerprint!r}, but index bundle {self.version} "
+                f"({self.bundle.path}) was built with model {self.model_fingerprint!r} "
+                f"({model.get('name', '?')} {model.get('feature', '?')} {model.get('dimension', '?')}-d, "
+                f"weights {model.get('weights_fingerprint', '?')!s:.16}): vectors of different models cannot be "
+                f"compared. Query through an embedder with the bundle's model, or rebuild the bundle with "
+                f"`cbir index build` using the current model"
+            )
+
+    def _check_k(self, k: int) -> None:
+        if not 1 <= k <= self.max_k:
+            raise InvalidRequest(f"k must be between 1 and {self.max_k}, got {k}")
+
+    def _search_k(self, k: int, search_k: int) -> int:
+        """Annoy's search_k: the bundle default (at least trees * k) for 0; everything when k >= items."""
+        if search_k < 0:
+            raise InvalidRequest(
+                f"search_k must be >= 0 (0 = the bundle's default, {self.bundle.manifest.default_search_k}), got {search_k}"
+            )
+        if k >= self.item_count:
+            return self._exhaustive_search_k  # asked for every item: make sure Annoy visits them all
+        if search_k == 0:
+            search_k = max(self.bundle.manifest.default_search_k, self.bundle.manifest.trees * k)
+        return int(min(search_k, self._exhaustive_search_k))
+
+    # -- queries
+    def query_vector(
+        self, vector: np.ndarray, *, k: int, search_k: int = 0, model_fingerprint: str = ""
+    ) -> list[SearchHit]:
+        """The k items nearest to `vector` (the bundle model's input dimension), best first."""
+        self.check_fingerprint(model_fingerprint)
+        self._check_k(k)
+        search_k = self._search_k(k, search_k)
+        array = np.asarray(vector, dtype=np.float32).reshape(-1)
+        if array.size != self.input_dimension:
+            raise InvalidRequest(f"vector has dimension {array.size}, this index expects {self.input_dimension}")
+        if not np.isfinite(array).all():
+            raise InvalidRequest("vector contains NaN or infinite values")
+        if self.bundle.pca is not None:
+            with metrics.stage(SERVICE, "pca"):
+                array = self.bundle.pca.transform(array)
+        with metrics.stage(SERVICE, "ann_query"):
+            ids, distances = self.bundle.index.get_nns_by_vector(
+                array, min(k, self.item_count), search_k=search_k, include_distances=True
+            )
+        return self._hits(ids, distances)
+
+    def query_item(
+        self, item_id: str, *, k: int, search_k: int = 0, exclude_self: bool = False
+    ) -> list[SearchHit]:
+        """The k items nearest to an indexed item, best first; without the item itself if `exclude_self`."""
+        self._check_k(k)
+        if not item_id:
+            raise InvalidRequest("item_id is empty: give the id of an indexed item")
+        with metrics.stage(SERVICE, "id_lookup"):
+            (record,) = self.bundle.find_items([item_id])
+        if record is None:
+            raise NotFound(f"item {item_id!r} is not in index bundle {self.version}")
+        wanted = k + 1 if exclude_self else k
+        search_k = self._search_k(wanted, search_k)
+        with metrics.stage(SERVICE, "ann_query"):
+            ids, distances = self.bundle.index.get_nns_by_item(
+                record.annoy_id, min(wanted, self.item_count), search_k=search_k, include_distances=True
+            )
+        if exclude_self:
+            kept = [(i, d) for i, d in zip(ids, distances) if i != record.annoy_id][:k]
+            ids, distances = [i for i, _ in kept], [d for _, d in kept]
+        return self._hits(ids[:k], distances[:k])
+
+    def _hits(self, ids: Sequence[int], distances: Sequence[float]) -> list[SearchHit]:
+        with metrics.stage(SERVICE, "id_lookup"):
+            records = self.bundle.items_by_annoy_ids(ids)
+        metric = self.bundle.metric
+        return [
+            SearchHit(r.item_id, r.url, float(d), score(metric, d), r.metadata)
+            for r, d in zip(records, distances)
+        ]
+
+    def get_items(self, item_ids: Sequence[str]) -> list[ItemRecord]:
+        """Items in the order asked; NotFound listing (a few of) the unknown ids."""
+        if not item_ids:
+            raise InvalidRequest("no item ids given: ask for at least one")
+        with metrics.stage(SERVICE, "id_lookup"):
+            records = self.bundle.find_items(item_ids)
+        missing = list(dict.fromkeys(i for i, r in zip(item_ids, records) if r is None))
+        if missing:
+            shown = ", ".join(repr(i) for i in missing[:_MAX_IDS_SHOWN])
+            more = f" and {len(missing) - _MAX_IDS_SHOWN} more" if len(missing) > _MAX_IDS_SHOWN else ""
+            raise NotFound(
+                f"{len(missing)} of {len(item_ids)} item ids are not in index bundle {self.version}: {shown}{more}"
+            )
+        return records  # type: ignore[return-value]
+
+    # -- lifetime: leases taken by IndexHolder, close waits for them
+    def _acquire(self) -> None:
+        with self._idle:
+            if self._closing:
+                raise NotReady(f"index bundle {self.version} is being unloaded; retry")
+            self._users += 1
+
+    def _release(self) -> None:
+        with self._idle:
+            self._users -= 1
+            if self._users == 0:
+                self._idle.notify_all()
+
+    def close(self, timeout: float | None = None) -> None:
+        """Refuse new leases, wait (up to `timeout`) for requests using this index, then close the bundle."""
+        with self._idle:
+            self._closing = True
+            if not self._idle.wait_for(lambda: self._users == 0, timeout):
+                return  # still in use: leave it mapped rather than crash a running query
+        self.bundle.close()
+
+
+class IndexHolder:
+    """The one reference to the `SearchIndex` being served (None until a bundle is loaded)."""
+
+    def __init__(self, reason: str = "no index bundle loaded yet"):
+        self._lock = threading.Lock()
+        self._index: SearchIndex | None = None
+        self._reason = reason
+
+    @property
+    def ready(self) -> bool:
+        return self._index is not None
+
+    @property
+    def reason(self) -> str:
+        """Why there is no index (empty while one is served)."""
+        return "" if self._index is not None else self._reason
+
+    def set_reason(self, reason: str) -> None:
+        with self._lock:
+            self._reason = reason
+
+    def swap(self, index: SearchIndex | None, reason: str = "") -> SearchIndex | None:
+        """Serve `index` from now on (None: serve nothing, answering `reason`); returns the previous one."""
+        with self._lock:
+            previous, self._index = self._index, index
+            if reason:
+                self._reason = reason
+            return previous
+
+    @contextlib.contextmanager
+    def lease(self) -> Iterator[SearchIndex]:
+        """The served index for the duration of one request; NotReady (UNAVAILABLE) while there is none."""
+        with self._lock:
+            index = self._index
+            if index is None:
+                raise NotReady(self._reason)
+            index._acquire()
+        try:
+            yield index
+        finally:
+            index._release()

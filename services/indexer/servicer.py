@@ -1,0 +1,50 @@
+"""`cbir.v1.Indexer` over gRPC: translates messages to `SearchIndex` calls and back.
+
+Errors are raised as `cbir.errors` domain exceptions; `cbir.grpc_server.ErrorInterceptor` turns
+them into status codes (INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION, UNAVAILABLE).
+"""
+
+from __future__ import annotations
+
+from cbir import vectors
+from cbir.v1 import common_pb2, indexer_pb2, indexer_pb2_grpc
+
+from .index import IndexHolder, SearchHit
+
+SERVICE_NAME = "cbir.v1.Indexer"
+
+
+def _hit(hit: SearchHit) -> common_pb2.Hit:
+    return common_pb2.Hit(
+        item_id=hit.item_id, url=hit.url, distance=hit.distance, score=hit.score, metadata=hit.metadata
+    )
+
+
+class IndexerServicer(indexer_pb2_grpc.IndexerServicer):
+    def __init__(self, holder: IndexHolder):
+        self.holder = holder
+
+    def QueryVector(self, request: indexer_pb2.QueryVectorRequest, context) -> indexer_pb2.QueryVectorResponse:
+        with self.holder.lease() as index:
+            index.check_fingerprint(request.model_fingerprint)  # a different model explains a wrong dimension
+            vector = vectors.from_proto(request.vector, index.input_dimension)
+            hits = index.query_vector(vector, k=request.k, search_k=request.search_k)
+            return indexer_pb2.QueryVectorResponse(hits=[_hit(h) for h in hits], bundle_version=index.version)
+
+    def QueryItem(self, request: indexer_pb2.QueryItemRequest, context) -> indexer_pb2.QueryItemResponse:
+        with self.holder.lease() as index:
+            hits = index.query_item(
+                request.item_id, k=request.k, search_k=request.search_k, exclude_self=request.exclude_self
+            )
+            return indexer_pb2.QueryItemResponse(hits=[_hit(h) for h in hits], bundle_version=index.version)
+
+    def GetItems(self, request: indexer_pb2.GetItemsRequest, context) -> indexer_pb2.GetItemsResponse:
+        with self.holder.lease() as index:
+            records = index.get_items(list(request.item_ids))
+            return indexer_pb2.GetItemsResponse(
+                items=[common_pb2.Item(item_id=r.item_id, url=r.url, metadata=r.metadata) for r in records]
+            )
+
+    def GetIndexInfo(self, request: indexer_pb2.GetIndexInfoRequest, context) -> indexer_pb2.GetIndexInfoResponse:
+        with self.holder.lease() as index:
+            return indexer_pb2.GetIndexInfoResponse(index=index.info())

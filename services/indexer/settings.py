@@ -1,0 +1,24 @@
+"""Indexer configuration, read once from `CBIR_INDEXER_*` environment variables."""
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+
+from cbir.settings import ServerSettings
+
+
+class IndexerSettings(ServerSettings):
+    """Server fields of `ServerSettings` plus what the indexer serves and how."""
+
+    model_config = SettingsConfigDict(env_prefix="CBIR_INDEXER_", extra="forbid", validate_default=True)
+
+    port: int = Field(50052, ge=0, le=65535, description="gRPC port")
+    metrics_port: int | None = Field(9102, ge=0, le=65535, description="Prometheus /metrics port; unset = none")
+    bundle: Path = Field(Path("bundles/demo"), description="bundle root (with `current`) or one version folder")
+    max_k: int = Field(1000, ge=1, description="largest k a query may ask for")
+    prefault: bool = Field(False, description="read the whole Annoy file into memory at load (else on first use)")
+    poll_seconds: float = Field(5.0, gt=0, description="how often to retry while the bundle is missing or broken")
+    verify_checksums: bool = Field(
+        True, description="check every bundle file's sha256 before serving (reads the whole bundle once)"
+    )
