@@ -1,0 +1,245 @@
+"""The gateway's upstreams: one channel each, calls with deadlines, errors mapped in one place.
+
+Each upstream gets one channel, created once, that spreads calls over every address its target
+resolves to with gRPC's own `round_robin` policy: `dns:///embedder:50051` reaches every replica
+a compose/Kubernetes service name resolves to, and `ipv4:10.0.0.1:50051,10.0.0.2:50051` lists
+them by hand. A call that finds a replica UNAVAILABLE is retried by gRPC itself (a few times,
+within the same deadline), which lands it on the next replica.
+
+Every call's deadline is its own timeout or the caller's remaining time, whichever is shorter,
+and the call is cancelled if the caller goes away. `upstream_error` is the one place where an
+upstream's status becomes a `cbir.errors` domain error.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Callable
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from cbir.errors import BadImage, CbirError, UpstreamTimeout, UpstreamUnavailable
+from cbir.v1 import (
+    common_pb2,
+    embedder_pb2,
+    embedder_pb2_grpc,
+    indexer_pb2,
+    indexer_pb2_grpc,
+)
+from services.gateway.metrics import UPSTREAM_ERRORS, UPSTREAM_SECONDS
+
+log = logging.getLogger(__name__)
+
+EMBEDDER_SERVICE = embedder_pb2.DESCRIPTOR.services_by_name["Embedder"].full_name  # "cbir.v1.Embedder"
+INDEXER_SERVICE = indexer_pb2.DESCRIPTOR.services_by_name["Indexer"].full_name  # "cbir.v1.Indexer"
+
+# An upstream's status that is the caller's problem: passed through with its code and message.
+PASSED_THROUGH = frozenset({
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.NOT_FOUND,
+    grpc.StatusCode.FAILED_PRECONDITION,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+})
+# Statuses that mean "that upstream cannot answer right now": the caller may retry later.
+UNAVAILABLE_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.ABORTED})
+
+_MAX_DETAIL_CHARS = 1000
+# GetStatus reports what it finds in its answer (and UIs poll it): its failures are not news for the log.
+STATUS_LOG_LEVEL = logging.DEBUG
+
+
+class UpstreamRejected(CbirError):
+    """An upstream refused the request for a reason the caller can act on; its code passes through."""
+
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+class UpstreamFailed(CbirError):
+    """An upstream failed in a way the caller cannot fix (INTERNAL, UNIMPLEMENTED, a malformed answer)."""
+
+    code = grpc.StatusCode.INTERNAL
+
+
+def service_config(*retried_services: str) -> str:
+    """The channels' service config: round_robin over every resolved address; UNAVAILABLE retried."""
+    config: dict = {"loadBalancingConfig": [{"round_robin": {}}]}
+    if retried_services:
+        config["methodConfig"] = [{
+            "name": [{"service": name} for name in retried_services],
+            "retryPolicy": {
+                "maxAttempts": 3,
+                "initialBackoff": "0.05s",
+                "maxBackoff": "0.5s",
+                "backoffMultiplier": 2,
+                "retryableStatusCodes": ["UNAVAILABLE"],
+            },
+        }]
+    return json.dumps(config)
+
+
+def channel_options(max_message_bytes: int, *retried_services: str) -> list[tuple[str, object]]:
+    return [
+        ("grpc.service_config", service_config(*retried_services)),
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+        # gRPC backs off reconnecting to a replica that is down, by default up to 120 s: a replica
+        # that comes back (a restart, a rolling update) would sit unused for minutes.
+        ("grpc.initial_reconnect_backoff_ms", 250),
+        ("grpc.max_reconnect_backoff_ms", 2000),
+    ]
+
+
+def upstream_error(
+    name: str, target: str, method: str, error: grpc.RpcError, timeout_s: float, caller_bound: bool
+) -> CbirError:
+    """The domain error for a failed call to upstream `name` at `target`. The one place for this."""
+    code = error.code() if hasattr(error, "code") else None
+    details = (error.details() if hasattr(error, "details") else None) or str(code)
+    if len(details) > _MAX_DETAIL_CHARS:
+        details = details[:_MAX_DETAIL_CHARS] + "..."
+    if code in PASSED_THROUGH:
+        return UpstreamRejected(code, details)
+    if code is grpc.StatusCode.DEADLINE_EXCEEDED:
+        whose = "the caller's remaining deadline" if caller_bound else "the gateway's timeout for it"
+        return UpstreamTimeout(
+            f"{name} at {target} did not answer {method} within {timeout_s:.3g} s ({whose})"
+        )
+    if code in UNAVAILABLE_CODES:
+        return UpstreamUnavailable(f"{name} at {target} is unavailable: {details}")
+    hint = f" (is {target} really the {name}?)" if code is grpc.StatusCode.UNIMPLEMENTED else ""
+    code_name = code.name if code is not None else "an unknown status"
+    return UpstreamFailed(f"{name} at {target} failed {method} with {code_name}: {details}{hint}")
+
+
+class PendingCall:
+    """A call in flight to an upstream; `result()` waits for it and maps its failure."""
+
+    def __init__(
+        self, upstream: "Upstream", method: str, future, timeout_s: float, caller_bound: bool, log_level: int
+    ):
+        self._upstream = upstream
+        self._log_level = log_level
+        self._method = method
+        self._future = future
+        self._timeout_s = timeout_s
+        self._caller_bound = caller_bound
+        self._start = time.perf_counter()
+        self._end: float | None = None
+        self.seconds: float | None = None
+        future.add_done_callback(self._done)
+
+    def _done(self, _future) -> None:
+        self._end = time.perf_counter()
+
+    def result(self):
+        """The response; raises the mapped domain error when the call failed."""
+        name, method = self._upstream.name, self._method
+        code = grpc.StatusCode.OK
+        try:
+            return self._future.result()
+        except grpc.FutureCancelledError:
+            code = grpc.StatusCode.CANCELLED
+            raise UpstreamUnavailable(f"call to {name} {method} was cancelled (the caller went away)") from None
+        except grpc.RpcError as error:
+            code = error.code() or grpc.StatusCode.UNKNOWN
+            mapped = upstream_error(name, self._upstream.target, method, error, self._timeout_s, self._caller_bound)
+            if code not in PASSED_THROUGH:
+                log.log(self._log_level, "%s", mapped)
+            raise mapped from None
+        finally:
+            self.seconds = (self._end or time.perf_counter()) - self._start
+            UPSTREAM_SECONDS.labels(name, method).observe(self.seconds)
+            if code is not grpc.StatusCode.OK:
+                UPSTREAM_ERRORS.labels(name, method, code.name).inc()
+
+
+class Upstream:
+    """One upstream service behind one channel (every replica its target resolves to)."""
+
+    def __init__(self, name: str, target: str, service: str, *, max_message_bytes: int):
+        self.name = name
+        self.target = target
+        self.service = service
+        self.channel = grpc.insecure_channel(target, options=channel_options(max_message_bytes, service))
+        self._health = health_pb2_grpc.HealthStub(self.channel)
+
+    def start(
+        self, method: str, rpc: Callable, request, *, timeout_s: float, context=None, log_level: int = logging.WARNING
+    ) -> PendingCall:
+        """Send `request`; the deadline is `timeout_s` or the caller's remaining time if shorter.
+
+        A failure other than the caller's own problem is logged at `log_level` once, here.
+        """
+        timeout, caller_bound = timeout_s, False
+        if context is not None:
+            remaining = context.time_remaining()
+            if remaining is not None and remaining < timeout_s:
+                timeout, caller_bound = remaining, True
+            if timeout <= 0:
+                raise UpstreamTimeout(f"no time left for {self.name} {method}: the caller's deadline has passed")
+        future = rpc.future(request, timeout=timeout)
+        if context is not None:
+            context.add_callback(future.cancel)  # the caller went away: stop the upstream's work too
+        return PendingCall(self, method, future, timeout, caller_bound, log_level)
+
+    def call(self, method: str, rpc: Callable, request, *, timeout_s: float, context=None):
+        return self.start(method, rpc, request, timeout_s=timeout_s, context=context).result()
+
+    def check_health(self, *, timeout_s: float) -> PendingCall:
+        """grpc.health.v1 Check of this upstream's service (answered by one replica)."""
+        request = health_pb2.HealthCheckRequest(service=self.service)
+        return self.start("Check", self._health.Check, request, timeout_s=timeout_s, log_level=STATUS_LOG_LEVEL)
+
+    def close(self) -> None:
+        self.channel.close()
+
+
+class EmbedderUpstream(Upstream):
+    def __init__(self, target: str, *, max_message_bytes: int):
+        super().__init__("embedder", target, EMBEDDER_SERVICE, max_message_bytes=max_message_bytes)
+        self.stub = embedder_pb2_grpc.EmbedderStub(self.channel)
+
+    def embed(self, image: bytes, *, timeout_s: float, context=None) -> tuple[common_pb2.Vector, str]:
+        """(vector, model fingerprint) of one image; BadImage with the embedder's reason if it is not one."""
+        response = self.call(
+            "Embed", self.stub.Embed, embedder_pb2.EmbedRequest(images=[image]), timeout_s=timeout_s, context=context
+        )
+        if len(response.results) != 1:
+            raise UpstreamFailed(
+                f"embedder at {self.target} returned {len(response.results)} results for 1 image"
+            )
+        result = response.results[0]
+        if result.error:
+            raise BadImage(result.error)
+        if result.vector.dimension == 0:
+            raise UpstreamFailed(f"embedder at {self.target} returned neither a vector nor an error")
+        return result.vector, response.model_fingerprint
+
+    def model_info(self, *, timeout_s: float) -> PendingCall:
+        return self.start(
+            "GetModelInfo", self.stub.GetModelInfo, embedder_pb2.GetModelInfoRequest(),
+            timeout_s=timeout_s, log_level=STATUS_LOG_LEVEL,
+        )
+
+
+class IndexerUpstream(Upstream):
+    def __init__(self, target: str, *, max_message_bytes: int):
+        super().__init__("indexer", target, INDEXER_SERVICE, max_message_bytes=max_message_bytes)
+        self.stub = indexer_pb2_grpc.IndexerStub(self.channel)
+
+    def query_vector(self, request: indexer_pb2.QueryVectorRequest, *, timeout_s: float, context=None):
+        return self.call("QueryVector", self.stub.QueryVector, request, timeout_s=timeout_s, context=context)
+
+    def query_item(self, request: indexer_pb2.QueryItemRequest, *, timeout_s: float, context=None):
+        return self.call("QueryItem", self.stub.QueryItem, request, timeout_s=timeout_s, context=context)
+
+    def index_info(self, *, timeout_s: float) -> PendingCall:
+        return self.start(
+            "GetIndexInfo", self.stub.GetIndexInfo, indexer_pb2.GetIndexInfoRequest(),
+            timeout_s=timeout_s, log_level=STATUS_LOG_LEVEL,
+        )
