@@ -1,0 +1,377 @@
+"""Fast tests of the web UI without a browser: settings, the media safety rules, the handlers'
+gallery items / captions / messages, and what the UI's HTTP server serves and refuses."""
+
+from __future__ import annotations
+
+import os
+import re
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import grpc
+import pytest
+from PIL import Image
+
+from cbir.v1 import common_pb2, gateway_pb2
+from ui.handlers import SearchHandlers, caption, format_status
+from ui.media import MediaPolicy
+from ui.settings import UiSettings
+
+
+# ----------------------------------------------------------------------------------- fixtures
+def _jpeg(path: Path, color=(200, 30, 30)) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (32, 24), color).save(path, "JPEG")
+    return path
+
+
+@pytest.fixture
+def media(tmp_path):
+    """A media root with two images, plus files and symlinks that must stay out of reach."""
+    root = tmp_path / "collection"
+    inside = _jpeg(root / "a" / "cat one.jpg")
+    _jpeg(root / "b.jpg", (0, 90, 200))
+    outside = _jpeg(tmp_path / "private" / "secret.jpg")
+    (root / "escape.jpg").symlink_to(outside)  # a file symlink leaving the root
+    (root / "escape-dir").symlink_to(outside.parent, target_is_directory=True)  # a folder symlink leaving it
+    (root / "alias.jpg").symlink_to(inside)  # a symlink that stays inside
+    return dict(root=root, inside=inside, outside=outside, policy=MediaPolicy([root]))
+
+
+class RpcError(grpc.RpcError):
+    """What a failed gRPC call raises: an RpcError with code() and details()."""
+
+    def __init__(self, code: grpc.StatusCode, details: str):
+        super().__init__(details)
+        self._code, self._details = code, details
+
+    def code(self):
+        return self._code
+
+    def details(self):
+        return self._details
+
+
+class FakeGateway:
+    """Answers like the gateway: from canned responses, or by raising a given error."""
+
+    def __init__(self, hits=(), error: Exception | None = None):
+        self.hits, self.error, self.calls = list(hits), error, []
+
+    def _answer(self, response_type, call):
+        self.calls.append(call)
+        if self.error is not None:
+            raise self.error
+        return response_type(hits=self.hits, bundle_version="v7",
+                             timings=gateway_pb2.Timings(embed_ms=812.4, index_ms=1.25, total_ms=815.0))
+
+    def search_image(self, image, k=0, search_k=0):
+        return self._answer(gateway_pb2.SearchByImageResponse, ("image", len(image), k))
+
+    def search_id(self, item_id, k=0, search_k=0, exclude_self=False):
+        return self._answer(gateway_pb2.SearchByIdResponse, ("id", item_id, k))
+
+    def status(self):
+        if self.error is not None:
+            raise self.error
+        return gateway_pb2.GetStatusResponse(
+            upstreams=[gateway_pb2.UpstreamStatus(name="embedder", target="dns:///embedder:50051", state="SERVING"),
+                       gateway_pb2.UpstreamStatus(name="indexer", target="indexer:50052", state="UNREACHABLE",
+                                                  detail="connection refused")],
+            model=common_pb2.ModelInfo(name="vgg16", feature="gem", dimension=512, weights_source="keras-cache",
+                                       fingerprint="0123456789abcdef0123", pooling="gem(p=3)"),
+            index=common_pb2.IndexInfo(item_count=12345, dimension=512, input_dimension=512, metric="angular",
+                                       trees=30, bundle_version="20250101-000000"),
+            compatible=True,
+        )
+
+
+def _handlers(client, policy, **kwargs) -> SearchHandlers:
+    options = dict(default_k=12, max_k=100, max_upload_bytes=1 << 20, gateway_target="gw:50050", timeout_s=60.0)
+    options.update(kwargs)
+    return SearchHandlers(client, policy, **options)
+
+
+def _hit(item_id, url, score, distance=0.1):
+    return common_pb2.Hit(item_id=item_id, url=url, score=score, distance=distance)
+
+
+# ----------------------------------------------------------------------------------- settings
+def test_settings_defaults_and_environment(monkeypatch, tmp_path):
+    """Defaults run the local demo; CBIR_UI_* variables override them, media roots given as a
+    path list or JSON, resolved to absolute paths; default_k above max_k is refused."""
+    settings = UiSettings()
+    assert (settings.host, settings.port, settings.gateway_target) == ("127.0.0.1", 7860, "127.0.0.1:50050")
+    assert (settings.default_k, settings.max_k, settings.media_roots, settings.request_timeout_s) == (12, 100, [], 60.0)
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    monkeypatch.setenv("CBIR_UI_MEDIA_ROOTS", f"{a}{os.pathsep}{b}")
+    monkeypatch.setenv("CBIR_UI_PORT", "8000")
+    settings = UiSettings()
+    assert settings.media_roots == [a.resolve(), b.resolve()] and settings.port == 8000
+    monkeypatch.setenv("CBIR_UI_MEDIA_ROOTS", f'["{a}"]')
+    assert UiSettings().media_roots == [a.resolve()]
+    assert UiSettings(media_roots=(a, b)).media_roots == [a.resolve(), b.resolve()]  # what the CLI passes
+    with pytest.raises(ValueError, match="default_k"):
+        UiSettings(default_k=50, max_k=10)
+
+
+# ----------------------------------------------------------------------------------- media
+def test_media_inside_root_is_shown_as_its_real_path(media):
+    """A file:// URI of a file inside a media root (percent-encoded, or through a symlink that
+    stays inside) resolves to the file's real path, which the gallery then shows."""
+    policy, inside = media["policy"], media["inside"]
+    assert policy.resolve(inside.as_uri()).source == str(inside.resolve())
+    assert policy.resolve("file://localhost" + urllib.parse.quote(str(inside))).source == str(inside.resolve())
+    assert policy.resolve((media["root"] / "alias.jpg").as_uri()).source == str(inside.resolve())
+
+
+@pytest.mark.parametrize("make_url, reason", [
+    (lambda m: (m["root"] / "a" / ".." / ".." / "private" / "secret.jpg").as_posix(), "not a URL"),
+    (lambda m: "file://" + str(m["root"]) + "/a/../../private/secret.jpg", "'..'"),
+    (lambda m: "file://" + str(m["root"]) + "/%2e%2e/private/secret.jpg", "'..'"),
+    (lambda m: m["outside"].as_uri(), "outside the media roots"),
+    (lambda m: "file:///etc/passwd", "outside the media roots"),
+    (lambda m: (m["root"] / "escape.jpg").as_uri(), "outside the media roots"),
+    (lambda m: (m["root"] / "escape-dir" / "secret.jpg").as_uri(), "outside the media roots"),
+    (lambda m: (m["root"] / "missing.jpg").as_uri(), "file not found"),
+    (lambda m: m["root"].as_uri(), "file not found"),  # the root folder itself is not an image
+    (lambda m: "file://otherhost" + str(m["inside"]), "another host"),
+    (lambda m: "file://" + str(m["inside"]) + "%00.jpg", "NUL"),
+    (lambda m: "ftp://example.org/a.jpg", "scheme 'ftp'"),
+    (lambda m: "javascript:alert(1)", "scheme 'javascript'"),
+    (lambda m: "data:image/png;base64,AAAA", "scheme 'data'"),
+    (lambda m: "https:///no-host.jpg", "without a host"),
+    (lambda m: "https://example.org/logo.svg", "SVG"),
+    (lambda m: "", "no URL"),
+])
+def test_media_refuses_everything_else(media, make_url, reason):
+    """`..`, absolute paths outside the roots, symlink escapes, other hosts, NUL bytes, other
+    schemes and bare paths are all refused with a reason, never an exception."""
+    result = media["policy"].resolve(make_url(media))
+    assert result.source is None and not result.available
+    assert reason in result.reason
+
+
+def test_media_http_urls_go_to_the_browser_unchanged_and_no_roots_means_no_local_files(media):
+    """http(s) URLs are passed through as they are; with no media roots, no local file is shown."""
+    policy = media["policy"]
+    url = "https://images.example.org/a/b.jpg?size=large"
+    assert policy.resolve(url).source == url
+    assert policy.resolve("HTTP://example.org/x.png").source == "HTTP://example.org/x.png"
+    assert MediaPolicy([]).resolve(media["inside"].as_uri()).reason == "no media roots configured"
+    assert MediaPolicy([media["root"] / "not-there"]).roots == ()
+
+
+# ----------------------------------------------------------------------------------- handlers
+def test_search_results_become_gallery_items_with_captions(media, tmp_path):
+    """A gateway answer becomes (image, '#rank · item_id · score 0.973') pairs in rank order: local
+    files as real paths, http URLs as they are, and a placeholder for what cannot be shown."""
+    hits = [_hit("cat-1", media["inside"].as_uri(), 0.9734),
+            _hit("web-2", "https://example.org/dog.jpg", 0.5),
+            _hit("gone-3", media["outside"].as_uri(), 0.25)]
+    client = FakeGateway(hits)
+    query = _jpeg(tmp_path / "query.jpg")
+    view = _handlers(client, media["policy"]).search_image(str(query), k=3.0)
+
+    assert view.ok and view.item_ids == ["cat-1", "web-2", "gone-3"]
+    assert [text for _, text in view.gallery] == [
+        "#1 · cat-1 · score 0.973", "#2 · web-2 · score 0.500", "#3 · gone-3 · score 0.250 · image not available"]
+    assert view.gallery[0][0] == str(media["inside"].resolve())
+    assert view.gallery[1][0] == "https://example.org/dog.jpg"
+    assert isinstance(view.gallery[2][0], Image.Image)  # the placeholder tile
+    assert view.unavailable == ["gone-3"]
+    assert "**3 results**" in view.message and "1 image cannot be shown" in view.message
+    assert re.fullmatch(r"embed 812 ms · index 1\.2 ms · gateway total 815 ms · round trip [\d.]+ ms · bundle v7",
+                        view.timings), view.timings
+    assert client.calls == [("image", query.stat().st_size, 3)]
+
+
+def test_gallery_items_are_accepted_by_gradio_gallery(media):
+    """What the handlers return is a value Gradio's Gallery postprocesses: paths and URLs kept,
+    captions attached (the page would otherwise fail to show results)."""
+    import gradio as gr
+
+    view = _handlers(FakeGateway([_hit("cat-1", media["inside"].as_uri(), 0.9),
+                                  _hit("web-2", "https://example.org/dog.jpg", 0.5),
+                                  _hit("gone-3", "ftp://x/y.jpg", 0.1)]), media["policy"]).search_id("cat-1")
+    data = gr.Gallery().postprocess(view.gallery).model_dump()
+    assert [item["caption"] for item in data] == [text for _, text in view.gallery]
+    assert data[0]["image"]["path"] == str(media["inside"].resolve())
+    assert data[1]["image"]["url"] == "https://example.org/dog.jpg"
+    assert data[2]["image"]["path"]  # the placeholder, saved by Gradio
+
+
+def test_k_is_clamped_and_clicking_a_result_searches_by_its_id(media):
+    """k outside 1..max_k is clamped (missing k = default); a click on result i searches by the
+    id shown there; a stale click gives a message, not an error."""
+    client = FakeGateway([_hit("x", "https://example.org/x.jpg", 1.0)])
+    handlers = _handlers(client, media["policy"], max_k=50)
+    handlers.search_id("a", k=1000)
+    handlers.search_id("b", k=0)
+    handlers.search_id("c", k=None)
+    view = handlers.select_hit(["p", "q", "r"], 1, 7)
+    assert client.calls == [("id", "a", 50), ("id", "b", 1), ("id", "c", 12), ("id", "q", 7)]
+    assert "similar to item q (result #2 of the previous search)" in view.message
+    stale = handlers.select_hit(["p"], 4, 7)
+    assert stale.gallery is None and "no longer on the page" in stale.message
+    assert len(client.calls) == 4
+
+
+@pytest.mark.parametrize("code, details, kind, expected", [
+    (grpc.StatusCode.UNAVAILABLE, "failed to connect to all addresses", "image",
+     "The search service is not reachable right now (gateway gw:50050): failed to connect to all addresses."),
+    (grpc.StatusCode.INVALID_ARGUMENT, "not an image: cannot identify image file", "image",
+     "This image could not be used: not an image: cannot identify image file."),
+    (grpc.StatusCode.NOT_FOUND, "no item 'zz' in bundle v7", "id", "Not found: no item 'zz' in bundle v7."),
+    (grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded", "image", "did not answer within 60 s"),
+    (grpc.StatusCode.FAILED_PRECONDITION, "model fingerprint differs", "image", "not ready: model fingerprint differs"),
+    (grpc.StatusCode.RESOURCE_EXHAUSTED, "too many requests", "id", "busy (too many requests)"),
+    (grpc.StatusCode.INTERNAL, "internal error", "id", "The search failed (INTERNAL): internal error."),
+])
+def test_gateway_errors_become_readable_messages(media, tmp_path, code, details, kind, expected):
+    """Each gRPC failure becomes a sentence saying what happened; the previous results stay (the
+    gallery is left unchanged) and the message says they are from the previous search."""
+    handlers = _handlers(FakeGateway(error=RpcError(code, details)), media["policy"])
+    if kind == "image":
+        view = handlers.search_image(str(_jpeg(tmp_path / "q.jpg")), 5, previous=["old"])
+    else:
+        view = handlers.search_id("zz", 5, previous=["old"])
+    assert not view.ok and view.gallery is None and view.item_ids is None
+    assert view.message.startswith("⚠️ **Search failed.**") and expected in view.message
+    assert view.message.endswith("The results below are from the previous search.")
+
+
+def test_bad_input_and_unexpected_errors_do_not_raise(media, tmp_path):
+    """No image, an empty or oversized file, and a bug in the client all become messages."""
+    client = FakeGateway(error=ZeroDivisionError("boom"))
+    handlers = _handlers(client, media["policy"], max_upload_bytes=100)
+    assert "Upload or paste an image" in handlers.search_image(None).message
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    assert "empty" in handlers.search_image(str(tmp_path / "empty.jpg")).message
+    assert "too large" in handlers.search_image(str(_jpeg(tmp_path / "big.jpg"))).message
+    assert "could not be read" in handlers.search_image(str(tmp_path / "missing.jpg")).message
+    assert client.calls == []
+    handlers.max_upload_bytes = 1 << 20
+    view = handlers.search_image(str(_jpeg(tmp_path / "ok.jpg")))
+    assert "unexpected error" in view.message and "boom" not in view.message and "Traceback" not in view.message
+
+
+def test_a_real_unreachable_gateway_gives_a_readable_message(media, tmp_path):
+    """Through the real GatewayClient, a gateway that is not listening is reported as not
+    reachable (UNAVAILABLE), for searches and for the status panel."""
+    import socket
+
+    from cbir.client import GatewayClient
+
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with GatewayClient(f"127.0.0.1:{port}", timeout_s=10) as client:
+        handlers = _handlers(client, media["policy"], gateway_target=f"127.0.0.1:{port}")
+        view = handlers.search_image(str(_jpeg(tmp_path / "q.jpg")))
+        status = handlers.status()
+    assert f"not reachable right now (gateway 127.0.0.1:{port})" in view.message
+    assert status.startswith("**Status unavailable.** The search service is not reachable")
+
+
+def test_status_panel_shows_index_model_and_upstreams(media):
+    """The status panel lists item count, bundle version, model and each upstream's state."""
+    text = _handlers(FakeGateway(), media["policy"]).status()
+    assert "- **Index:** 12,345 images · bundle 20250101-000000 · angular · 512-d · 30 trees" in text
+    assert "**Model:** vgg16 gem gem(p=3) · 512-d · weights keras-cache · fingerprint 0123456789ab" in text
+    assert "**Compatible:** yes" in text
+    assert "- **Embedder:** SERVING at dns:///embedder:50051\n" in text
+    assert text.endswith("- **Indexer:** UNREACHABLE at indexer:50052 — connection refused")
+    empty = format_status(gateway_pb2.GetStatusResponse(detail="indexer unreachable"))
+    assert "**Index:** not reachable" in empty and "**Compatible:** no — indexer unreachable" in empty
+
+
+def test_caption_format():
+    """Captions read '#rank · item_id · score' with three decimals."""
+    assert caption(3, _hit("img_42", "", 0.97349)) == "#3 · img_42 · score 0.973"
+
+
+# ----------------------------------------------------------------------------------- HTTP
+def _get(url: str) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=30) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read()
+
+
+def test_http_serves_media_roots_only_and_metrics(media):
+    """Over HTTP, the UI's Gradio server serves files inside the media roots and refuses (403)
+    files outside them, `..` paths, symlinks that escape, and URLs (no fetching on a caller's
+    behalf); /metrics on the same port counts UI searches by outcome."""
+    from ui.server import UiServer
+
+    client = FakeGateway([_hit("cat-1", media["inside"].as_uri(), 0.9)])
+    server = UiServer(UiSettings(port=0, media_roots=[media["root"]], log_level="WARNING"), client)
+    url = server.start()
+    try:
+        file_url = url + "gradio_api/file="
+        status, body = _get(file_url + urllib.parse.quote(str(media["inside"])))
+        assert status == 200 and body == media["inside"].read_bytes()
+        for refused in [str(media["outside"]), "/etc/passwd",
+                        str(media["root"] / "a" / ".." / ".." / "private" / "secret.jpg"),
+                        str(media["root"]) + "/%2e%2e/private/secret.jpg",
+                        str(media["root"] / "escape.jpg"), str(media["root"] / "escape-dir" / "secret.jpg"),
+                        str(Path(__file__).resolve())]:
+            path = refused if "%2e" in refused else urllib.parse.quote(refused)
+            assert _get(file_url + path)[0] == 403, refused
+
+        status, page = _get(url)
+        assert status == 200 and b"cbir" in page
+        for remote in ["https://example.org/a.jpg", "http%3A//127.0.0.1:1/x", "HTTPS://example.org/"]:
+            assert _get(file_url + remote) == (403, b"The cbir UI does not fetch URLs for its clients."), remote
+
+        # a search through the page's handler, then its traces in /metrics
+        from ui import metrics
+        before = metrics.SEARCHES.labels("image", "no_input")._value.get()
+        from ui.handlers import SearchHandlers
+        SearchHandlers(client, media["policy"], default_k=1, max_k=1, max_upload_bytes=1, gateway_target="",
+                       timeout_s=1).search_image(None)
+        status, text = _get(url + "metrics")
+        assert status == 200
+        line = f'cbir_ui_searches_total{{kind="image",outcome="no_input"}} {before + 1.0}'
+        assert line in text.decode()
+        assert "# TYPE cbir_ui_search_seconds histogram" in text.decode()
+    finally:
+        server.stop()
+
+
+def test_build_app_makes_the_page(media):
+    """The Blocks page builds from settings and a client: query image, k slider bounded by
+    max_k, search button, results gallery, status panel."""
+    from ui.app import build_app
+
+    blocks = build_app(UiSettings(max_k=40, default_k=9, media_roots=[media["root"]]), FakeGateway())
+    config = blocks.get_config_file()
+    by_id = {c["props"].get("elem_id"): c for c in config["components"] if c["props"].get("elem_id")}
+    assert {"query", "k", "search", "results", "status", "message", "timings", "refresh-status"} <= set(by_id)
+    assert by_id["k"]["props"]["maximum"] == 40 and by_id["k"]["props"]["value"] == 9
+    assert by_id["results"]["props"]["allow_preview"] is False
+    assert not config["analytics_enabled"]
+
+
+def test_query_image_hands_over_the_upload_unopened(tmp_path):
+    """The query image component gives the handler the uploaded file's path without opening it
+    with Pillow (plain gr.Image fails before the handler on a non-image), and still renders as an
+    Image in the browser."""
+    import gradio as gr
+    from gradio.data_classes import ImageData
+
+    from ui.app import QueryImage
+
+    garbage = tmp_path / "x.jpg"
+    garbage.write_bytes(b"not an image")
+    payload = ImageData(path=str(garbage), orig_name="x.jpg")
+    assert QueryImage(type="filepath").preprocess(payload) == str(garbage)
+    with pytest.raises(Exception):
+        gr.Image(type="filepath").preprocess(payload)
+    assert QueryImage().preprocess(None) is None
+    assert QueryImage().get_block_name() == "image"

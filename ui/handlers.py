@@ -1,0 +1,276 @@
+"""What the page's controls do, as plain functions over a gateway client.
+
+No Gradio here: each handler takes plain values (a file path, a k, a list of item ids) and returns
+a `SearchView` (gallery items, captions, a status line, timings) or Markdown text. `ui.app` wires
+them to components; tests call them with a fake client. Handlers never raise: every failure
+becomes a message a person can act on, and the metrics count it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import grpc
+
+from ui import metrics
+from ui.media import MediaPolicy, placeholder_image
+
+log = logging.getLogger(__name__)
+
+_MARKDOWN_SPECIALS = "\\`*_[]<>|~#"
+_MAX_DETAIL = 300
+
+
+class Gateway(Protocol):
+    """The part of `cbir.client.GatewayClient` the UI uses."""
+
+    def search_image(self, image: bytes, k: int = 0, search_k: int = 0) -> Any: ...
+
+    def search_id(self, item_id: str, k: int = 0, search_k: int = 0, exclude_self: bool = False) -> Any: ...
+
+    def status(self) -> Any: ...
+
+
+@dataclass
+class SearchView:
+    """What one search shows. `gallery`/`item_ids` None = leave the previous results on the page."""
+
+    message: str
+    gallery: list[tuple[Any, str]] | None = None
+    item_ids: list[str] | None = None
+    timings: str = ""
+    ok: bool = False
+    unavailable: list[str] = field(default_factory=list)  # item ids whose image cannot be shown
+
+
+def md(text: object) -> str:
+    """`text` with Markdown's special characters escaped (item ids, server messages)."""
+    return "".join("\\" + c if c in _MARKDOWN_SPECIALS else c for c in str(text))
+
+
+def caption(rank: int, hit: Any) -> str:
+    """The caption under one result: `#rank · item_id · score 0.973`."""
+    return f"#{rank} · {hit.item_id} · score {hit.score:.3f}"
+
+
+def _short(details: str | None) -> str:
+    details = " ".join((details or "").split())
+    return details if len(details) <= _MAX_DETAIL else details[: _MAX_DETAIL - 1] + "…"
+
+
+def describe_rpc_error(error: grpc.RpcError, *, kind: str, target: str, timeout_s: float) -> str:
+    """A sentence for a person about a failed gateway call (`kind` is 'image', 'id' or 'status')."""
+    code = error.code() if callable(getattr(error, "code", None)) else None
+    details = md(_short(error.details() if callable(getattr(error, "details", None)) else str(error)))
+    if code is grpc.StatusCode.UNAVAILABLE:
+        return (f"The search service is not reachable right now (gateway {md(target)}): {details}. "
+                "Check that the gateway is running, then try again.")
+    if code is grpc.StatusCode.DEADLINE_EXCEEDED:
+        return (f"The gateway did not answer within {timeout_s:g} s and the request was abandoned. "
+                "It may be busy or still loading; try again.")
+    if code is grpc.StatusCode.INVALID_ARGUMENT:
+        if kind == "image":
+            return f"This image could not be used: {details}. Try a JPEG or PNG photo."
+        return f"The request was refused: {details}."
+    if code is grpc.StatusCode.NOT_FOUND:
+        return (f"Not found: {details}. The index may have changed since these results were shown; "
+                "search again.")
+    if code is grpc.StatusCode.FAILED_PRECONDITION:
+        return f"The search service is not ready: {details}."
+    if code is grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return f"The search service is busy ({details}). Try again in a moment."
+    if code is grpc.StatusCode.UNIMPLEMENTED:
+        return f"The service at {md(target)} does not answer this request: is it a cbir gateway?"
+    name = code.name if code is not None else "UNKNOWN"
+    return f"The search failed ({name}): {details or 'no details given'}."
+
+
+def _ms(value: float) -> str:
+    return f"{value:.1f} ms" if value < 10 else f"{value:.0f} ms"
+
+
+def format_timings(response: Any, round_trip_s: float) -> str:
+    """The small print under the results: where the time of the search went."""
+    t = response.timings
+    parts = []
+    if t.embed_ms:
+        parts.append(f"embed {_ms(t.embed_ms)}")
+    parts.append(f"index {_ms(t.index_ms)}")
+    parts.append(f"gateway total {_ms(t.total_ms)}")
+    parts.append(f"round trip {_ms(round_trip_s * 1000)}")
+    if response.bundle_version:
+        parts.append(f"bundle {md(response.bundle_version)}")
+    return " · ".join(parts)
+
+
+def format_status(response: Any) -> str:
+    """The status panel's Markdown for a `GetStatusResponse`."""
+    lines = []
+    if response.HasField("index"):
+        index = response.index
+        dims = f"{index.dimension}-d"
+        if index.pca_dimension:
+            dims = f"{index.input_dimension}-d → PCA {index.pca_dimension}-d" + (" (whitened)" if index.pca_whiten else "")
+        lines.append(
+            f"**Index:** {index.item_count:,} images · bundle {md(index.bundle_version or '?')} · "
+            f"{md(index.metric)} · {dims} · {index.trees} trees"
+            + (f" · built {md(index.created_at)}" if index.created_at else "")
+        )
+    else:
+        lines.append("**Index:** not reachable")
+    if response.HasField("model"):
+        model = response.model
+        name = " ".join(p for p in (model.name, model.feature, model.pooling) if p)
+        lines.append(
+            f"**Model:** {md(name)} · {model.dimension}-d · weights {md(model.weights_source or '?')}"
+            + (f" · fingerprint {md(model.fingerprint[:12])}" if model.fingerprint else "")
+        )
+    else:
+        lines.append("**Model:** embedder not reachable")
+    if response.compatible:
+        lines.append("**Compatible:** yes, the index was built with the embedder's model")
+    else:
+        lines.append(f"**Compatible:** no{' — ' + md(_short(response.detail)) if response.detail else ''}")
+    for upstream in response.upstreams:
+        detail = f" — {md(_short(upstream.detail))}" if upstream.detail else ""
+        lines.append(f"**{md(upstream.name.capitalize())}:** {md(upstream.state)} at {md(upstream.target)}{detail}")
+    return "\n".join(f"- {line}" for line in lines)
+
+
+class SearchHandlers:
+    """The page's actions over one gateway client."""
+
+    def __init__(self, client: Gateway, policy: MediaPolicy, *, default_k: int, max_k: int,
+                 max_upload_bytes: int, gateway_target: str, timeout_s: float):
+        self.client = client
+        self.policy = policy
+        self.default_k = default_k
+        self.max_k = max_k
+        self.max_upload_bytes = max_upload_bytes
+        self.gateway_target = gateway_target
+        self.timeout_s = timeout_s
+
+    # ------------------------------------------------------------------ searches
+    def search_image(self, image_path: str | None, k: Any = None, previous: list[str] | None = None) -> SearchView:
+        """Search by the uploaded/pasted image at `image_path` (a file Gradio saved)."""
+        if not image_path:
+            return self._finish("image", "no_input", SearchView("Upload or paste an image, then press **Search**."))
+        try:
+            data = Path(image_path).read_bytes()
+        except OSError as error:
+            log.warning("could not read the uploaded image %s: %s", image_path, error)
+            return self._finish("image", "bad_input", SearchView("The uploaded image could not be read; upload it again."))
+        if not data:
+            return self._finish("image", "bad_input", SearchView("The uploaded file is empty."))
+        if len(data) > self.max_upload_bytes:
+            return self._finish("image", "bad_input", SearchView(
+                f"The image is too large ({len(data) / 2**20:.1f} MiB; at most "
+                f"{self.max_upload_bytes / 2**20:.0f} MiB)."))
+        return self._call("image", lambda: self.client.search_image(data, k=self._k(k)),
+                          "for the uploaded image", previous)
+
+    def search_id(self, item_id: str, k: Any = None, previous: list[str] | None = None, rank: int | None = None) -> SearchView:
+        """Search by an indexed item (what clicking a result does)."""
+        if not item_id:
+            return self._finish("id", "no_input", SearchView("No item to search by."))
+        what = f"similar to item {md(item_id)}" + (f" (result #{rank} of the previous search)" if rank else "")
+        return self._call("id", lambda: self.client.search_id(item_id, k=self._k(k)), what, previous)
+
+    def select_hit(self, item_ids: list[str] | None, index: Any, k: Any = None) -> SearchView:
+        """A click on result number `index` (0-based) of the gallery showing `item_ids`."""
+        item_ids = list(item_ids or [])
+        if not isinstance(index, int) or not 0 <= index < len(item_ids):
+            return self._finish("id", "no_input", SearchView("That result is no longer on the page; search again."))
+        return self.search_id(item_ids[index], k, previous=item_ids, rank=index + 1)
+
+    # ------------------------------------------------------------------ status
+    def status(self) -> str:
+        """The status panel: index size, bundle version, model, upstream states."""
+        try:
+            response = self.client.status()
+        except grpc.RpcError as error:
+            metrics.STATUS_CHECKS.labels(_code_name(error)).inc()
+            return "**Status unavailable.** " + describe_rpc_error(
+                error, kind="status", target=self.gateway_target, timeout_s=self.timeout_s)
+        except Exception:  # noqa: BLE001 - the page must keep working
+            log.exception("status check failed")
+            metrics.STATUS_CHECKS.labels("error").inc()
+            return "**Status unavailable:** an unexpected error happened in the UI (details in its log)."
+        metrics.STATUS_CHECKS.labels("ok").inc()
+        try:
+            return format_status(response)
+        except Exception:  # noqa: BLE001
+            log.exception("could not format the status %r", response)
+            return "**Status unavailable:** the gateway's answer could not be shown (details in the UI log)."
+
+    # ------------------------------------------------------------------ helpers
+    def _k(self, k: Any) -> int:
+        try:
+            value = int(round(float(k)))
+        except (TypeError, ValueError):
+            return self.default_k
+        return max(1, min(self.max_k, value))
+
+    def _call(self, kind: str, call, what: str, previous: list[str] | None) -> SearchView:
+        start = time.perf_counter()
+        try:
+            response = call()
+        except grpc.RpcError as error:
+            metrics.SEARCH_SECONDS.labels(kind).observe(time.perf_counter() - start)
+            message = describe_rpc_error(error, kind=kind, target=self.gateway_target, timeout_s=self.timeout_s)
+            return self._finish(kind, _code_name(error), SearchView(self._failed(message, previous)))
+        except Exception:  # noqa: BLE001 - the page must keep working
+            metrics.SEARCH_SECONDS.labels(kind).observe(time.perf_counter() - start)
+            log.exception("search (%s) failed", kind)
+            return self._finish(kind, "error", SearchView(self._failed(
+                "An unexpected error happened in the UI (details in its log).", previous)))
+        elapsed = time.perf_counter() - start
+        metrics.SEARCH_SECONDS.labels(kind).observe(elapsed)
+        try:
+            view = self._results(response, what, elapsed)
+        except Exception:  # noqa: BLE001
+            log.exception("could not show the results of a search (%s)", kind)
+            return self._finish(kind, "error", SearchView(self._failed(
+                "The gateway's answer could not be shown (details in the UI log).", previous)))
+        return self._finish(kind, "ok", view)
+
+    def _results(self, response: Any, what: str, elapsed: float) -> SearchView:
+        gallery, ids, unavailable = [], [], []
+        for rank, hit in enumerate(response.hits, start=1):
+            media = self.policy.resolve(hit.url)
+            text = caption(rank, hit)
+            if media.available:
+                gallery.append((media.source, text))
+            else:
+                log.info("not showing the image of %s (%r): %s", hit.item_id, hit.url, media.reason)
+                unavailable.append(hit.item_id)
+                gallery.append((placeholder_image(), text + " · image not available"))
+            ids.append(hit.item_id)
+        count = len(ids)
+        if count:
+            message = f"**{count} result{'s' if count != 1 else ''}** {what}, best first. Click one to search by it."
+        else:
+            message = f"**No results** {what}: the index is empty."
+        if unavailable:
+            message += (f" {len(unavailable)} image{'s' if len(unavailable) != 1 else ''} cannot be shown "
+                        "(not under the UI's media roots, or not a usable URL).")
+        return SearchView(message, gallery, ids, format_timings(response, elapsed), ok=True, unavailable=unavailable)
+
+    @staticmethod
+    def _failed(message: str, previous: list[str] | None) -> str:
+        note = " The results below are from the previous search." if previous else ""
+        return f"⚠️ **Search failed.** {message}{note}"
+
+    @staticmethod
+    def _finish(kind: str, outcome: str, view: SearchView) -> SearchView:
+        metrics.SEARCHES.labels(kind, outcome).inc()
+        return view
+
+
+def _code_name(error: grpc.RpcError) -> str:
+    code = error.code() if callable(getattr(error, "code", None)) else None
+    return code.name if code is not None else "UNKNOWN"
