@@ -1,0 +1,122 @@
+"""Dynamic batching: images of concurrent requests share one model call.
+
+Request threads `embed()` their decoded pixels; one worker thread takes the first waiting job,
+gathers more until it has `max_batch` images or `timeout_s` has passed since that first job
+arrived, runs the model once and hands each caller its own rows. While the model runs, new jobs
+queue up, so under load batches fill by themselves; alone, a request waits at most `timeout_s`.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import prometheus_client
+
+from cbir.errors import NotReady
+
+log = logging.getLogger(__name__)
+
+BATCH_SIZE = prometheus_client.Histogram(
+    "cbir_embedder_batch_size",
+    "Images per model call of the embedder's dynamic batcher.",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+)
+
+
+@dataclass
+class _Job:
+    pixels: np.ndarray  # (n, 224, 224, 3) uint8, n <= max_batch
+    arrived: float = field(default_factory=time.monotonic)
+    future: Future = field(default_factory=Future)
+
+
+_STOP = object()
+
+
+class Batcher:
+    """Groups the pixels of concurrent callers into batches for `run` ((N, ...) -> (N, D))."""
+
+    def __init__(self, run: Callable[[np.ndarray], np.ndarray], *, max_batch: int, timeout_s: float,
+                 name: str = "embedder-batcher"):
+        if max_batch < 1:
+            raise ValueError("max_batch must be >= 1")
+        self._run = run
+        self._max_batch = max_batch
+        self._timeout_s = timeout_s
+        self._queue: queue.Queue = queue.Queue()
+        self._lock = threading.Lock()
+        self._closed = False
+        self._carry: _Job | None = None
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self._thread.start()
+
+    def embed(self, pixels: np.ndarray) -> np.ndarray:
+        """(n, ...) pixels -> (n, D) rows, computed together with whatever else is waiting. Blocks."""
+        jobs = []
+        with self._lock:  # a job is never queued behind the stop marker
+            if self._closed:
+                raise NotReady("the embedder is shutting down; retry on another replica")
+            for start in range(0, len(pixels), self._max_batch):
+                job = _Job(pixels[start:start + self._max_batch])
+                self._queue.put(job)
+                jobs.append(job)
+        return np.concatenate([job.future.result() for job in jobs])
+
+    def close(self, timeout_s: float = 60.0) -> None:
+        """Finish the jobs already queued, then stop the worker thread."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._queue.put(_STOP)
+        self._thread.join(timeout_s)
+        if self._thread.is_alive():
+            log.warning("batcher worker still busy after %.0f s; leaving it", timeout_s)
+
+    def _loop(self) -> None:
+        stopping = False
+        while not stopping:
+            first = self._carry or self._queue.get()
+            self._carry = None
+            if first is _STOP:
+                break
+            jobs, count = [first], len(first.pixels)
+            deadline = first.arrived + self._timeout_s
+            while count < self._max_batch:
+                try:
+                    wait = deadline - time.monotonic()
+                    job = self._queue.get(timeout=wait) if wait > 0 else self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if job is _STOP:
+                    stopping = True
+                    break
+                if count + len(job.pixels) > self._max_batch:
+                    self._carry = job  # first in the next batch
+                    break
+                jobs.append(job)
+                count += len(job.pixels)
+            self._run_batch(jobs, count)
+
+    def _run_batch(self, jobs: list[_Job], count: int) -> None:
+        BATCH_SIZE.observe(count)
+        try:
+            pixels = jobs[0].pixels if len(jobs) == 1 else np.concatenate([job.pixels for job in jobs])
+            rows = self._run(pixels)
+        except BaseException as error:  # every caller learns about it; the worker carries on
+            for job in jobs:
+                job.future.set_exception(error)
+            if not isinstance(error, Exception):
+                raise
+            return
+        start = 0
+        for job in jobs:
+            job.future.set_result(rows[start:start + len(job.pixels)])
+            start += len(job.pixels)

@@ -1,0 +1,141 @@
+"""`Embedder`: image bytes or pixels -> VGG-16 feature vectors, in-process (no network).
+
+The gRPC servicer uses it, and so does `cbir index build` when it embeds in-process. Build one
+with `Embedder.from_settings(settings)`: it resolves the weights, builds the Keras model for the
+feature and describes the result in `.info` (a `cbir.v1.ModelInfo`), whose `fingerprint` is what
+an index bundle records to refuse vectors from a different model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from cbir import metrics
+from cbir.errors import BadImage
+from cbir.v1 import common_pb2
+from services.embedder import images
+from services.embedder.model import (
+    DIMENSIONS,
+    INPUT_SHAPE,
+    build_vgg16,
+    compile_inference,
+    feature_model,
+    log_devices,
+    pooling_name,
+)
+from services.embedder.weights import Weights, apply_weights, conv_only, resolve_weights, save_weights
+
+log = logging.getLogger(__name__)
+
+SERVICE = "embedder"  # the `service` label of cbir_stage_seconds
+
+
+def model_info(*, feature: str, weights: Weights, gem_p: float) -> common_pb2.ModelInfo:
+    """The ModelInfo of VGG-16 with these weights; `fingerprint` hashes everything that shapes the vectors.
+
+    The fingerprint covers name, feature, dimension, weights fingerprint, preprocessing and
+    pooling, but not `weights_source`: the same weights file found in the Keras cache or given by
+    path gives the same vectors, so it gets the same fingerprint.
+    """
+    fields = dict(
+        name="vgg16",
+        feature=feature,
+        dimension=DIMENSIONS[feature],
+        weights_fingerprint=weights.fingerprint,
+        preprocessing=weights.preprocessing,
+        pooling=pooling_name(feature, gem_p),
+    )
+    digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+    return common_pb2.ModelInfo(
+        **fields, weights_source=weights.source, fingerprint=f"vgg16-{feature}-{digest[:16]}"
+    )
+
+
+class Embedder:
+    """A loaded VGG-16 feature model. `embed_pixels` and `embed_images` may be called from any thread."""
+
+    def __init__(self, *, base, model, info: common_pb2.ModelInfo, preprocessing: str,
+                 max_batch: int = 32, max_pixels: int = 50_000_000, max_image_bytes: int | None = None):
+        self._base = base
+        self.model = model
+        self.info = info
+        self._preprocessing = preprocessing
+        self._run = compile_inference(model)
+        self.max_batch = max_batch
+        self.max_pixels = max_pixels
+        self.max_image_bytes = max_image_bytes
+
+    @classmethod
+    def from_settings(cls, settings) -> Embedder:
+        """Resolve the weights (WeightsError when there are none), build the model. Not warmed up."""
+        log_devices()
+        weights = resolve_weights(settings)
+        base = build_vgg16(include_top=weights.include_top)
+        apply_weights(base, weights)
+        if settings.feature == "gem" and weights.include_top:
+            base = conv_only(base)
+        model = feature_model(base, feature=settings.feature, preprocessing=weights.preprocessing, gem_p=settings.gem_p)
+        info = model_info(feature=settings.feature, weights=weights, gem_p=settings.gem_p)
+        log.info(
+            "model ready: vgg16 %s, %d-d, %s preprocessing%s, fingerprint %s",
+            info.feature, info.dimension, info.preprocessing,
+            f", {info.pooling} pooling" if info.pooling else "", info.fingerprint,
+        )
+        return cls(
+            base=base, model=model, info=info, preprocessing=weights.preprocessing,
+            max_batch=settings.max_batch, max_pixels=settings.max_pixels, max_image_bytes=settings.max_image_bytes,
+        )
+
+    @property
+    def dimension(self) -> int:
+        return self.info.dimension
+
+    def decode(self, data: bytes) -> np.ndarray:
+        """One encoded image -> (224, 224, 3) uint8 RGB; BadImage when it cannot be used."""
+        with metrics.stage(SERVICE, "decode"):
+            return images.load_image(data, max_pixels=self.max_pixels, max_bytes=self.max_image_bytes)
+
+    def embed_pixels(self, batch: np.ndarray) -> np.ndarray:
+        """(N, 224, 224, 3) uint8 RGB -> (N, D) float32, in model calls of at most `max_batch` images."""
+        batch = np.asarray(batch)
+        if batch.ndim != 4 or batch.shape[1:] != INPUT_SHAPE or batch.dtype != np.uint8:
+            raise ValueError(f"expected (N, 224, 224, 3) uint8 pixels, got {batch.shape} {batch.dtype}")
+        if len(batch) == 0:
+            return np.zeros((0, self.dimension), dtype=np.float32)
+        parts = []
+        for start in range(0, len(batch), self.max_batch):
+            with metrics.stage(SERVICE, "model"):
+                parts.append(self._run(batch[start:start + self.max_batch]))
+        return np.concatenate(parts).astype(np.float32, copy=False)
+
+    def embed_images(self, encoded: list[bytes]) -> list[np.ndarray | BadImage]:
+        """Each image's (D,) float32 vector, or the BadImage that says why it could not be embedded."""
+        results: list[np.ndarray | BadImage] = []
+        good: list[int] = []
+        pixels: list[np.ndarray] = []
+        for data in encoded:
+            try:
+                pixels.append(self.decode(data))
+            except BadImage as error:
+                results.append(error)
+            else:
+                good.append(len(results))
+                results.append(None)
+        if pixels:
+            for index, vector in zip(good, self.embed_pixels(np.stack(pixels))):
+                results[index] = vector
+        return results
+
+    def warm_up(self) -> None:
+        """Run one batch through the model so that tracing and kernel set-up are not paid by a request."""
+        with metrics.stage(SERVICE, "warm_up"):
+            self.embed_pixels(np.zeros((1, *INPUT_SHAPE), dtype=np.uint8))
+
+    def save_weights(self, path: str | Path) -> Path:
+        """Write the network's weights as a Keras `.weights.h5` file that `weights=<path>` loads again."""
+        return save_weights(self._base, Path(path), preprocessing=self._preprocessing)

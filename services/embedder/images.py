@@ -1,0 +1,129 @@
+"""Encoded image bytes -> the (224, 224, 3) uint8 RGB array VGG-16 takes, or `BadImage` saying why.
+
+The bytes come from strangers: the size in the header is checked against `max_pixels` before a
+single pixel is decoded (decompression bombs), every decoder failure becomes `BadImage`, and
+large JPEGs are decoded at a reduced scale (`draft`), which is much faster than a full decode.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+
+import numpy as np
+from PIL import ExifTags, Image
+
+from cbir.errors import BadImage
+
+log = logging.getLogger(__name__)
+
+SIZE = 224
+_WHITE = (255, 255, 255)
+_ALPHA_MODES = {"RGBA", "RGBa", "LA", "La", "PA"}
+_TURNS = {  # EXIF orientation -> transpose, the table of `PIL.ImageOps.exif_transpose`
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+
+def load_image(data: bytes, *, max_pixels: int, max_bytes: int | None = None) -> np.ndarray:
+    """Decode `data` (any format Pillow reads) into a (224, 224, 3) uint8 RGB array.
+
+    EXIF orientation is applied, transparency is composited onto white, palette, grayscale,
+    CMYK and 16-bit images are converted to 8-bit RGB, and the result is resized to 224x224
+    (aspect ratio not kept, as Keras's `load_img(target_size=...)` does). Multi-frame images
+    (GIF, TIFF, ...) use their first frame. Raises `BadImage` with a reason a person can act on.
+    """
+    if not data:
+        raise BadImage("empty image: 0 bytes")
+    if max_bytes is not None and len(data) > max_bytes:
+        raise BadImage(f"image is {len(data)} bytes, more than the limit of {max_bytes} bytes")
+    try:
+        image = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as error:  # Pillow's own guard, for sizes far above its limit
+        raise BadImage(
+            f"image has too many pixels (the limit is {max_pixels:,}); refused as a possible "
+            f"decompression bomb: {error}"
+        ) from None
+    except Exception as error:  # UnidentifiedImageError and friends: whatever Pillow cannot parse
+        raise BadImage(f"not an image Pillow can read ({len(data)} bytes): {_reason(error)}") from None
+    with image:
+        width, height = image.size
+        if width * height > max_pixels:
+            raise BadImage(
+                f"image is {width}x{height} = {width * height:,} pixels, more than the limit of "
+                f"{max_pixels:,}; scale it down before sending it"
+            )
+        try:
+            # JPEG (and MPO): decode at 1/2, 1/4 or 1/8 scale when that still covers 224x224. Others: no-op.
+            image.draft("RGB", (SIZE, SIZE))
+            image.load()
+        except Exception as error:  # truncated or corrupt data
+            raise BadImage(f"corrupt or truncated {image.format or 'image'} data: {_reason(error)}") from None
+        try:
+            return _to_array(image)
+        except BadImage:
+            raise
+        except Exception as error:
+            raise BadImage(f"cannot convert the {image.format} image (mode {image.mode}): {_reason(error)}") from None
+
+
+def _to_array(image: Image.Image) -> np.ndarray:
+    turn = _orientation(image)
+    image = _to_rgb(image)
+    if image.size != (SIZE, SIZE):
+        image = image.resize((SIZE, SIZE), Image.Resampling.BILINEAR, reducing_gap=3.0)
+    if turn is not None:  # on the small square image: cheaper than turning the full one, same result
+        image = image.transpose(turn)
+    array = np.asarray(image, dtype=np.uint8)
+    if array.shape != (SIZE, SIZE, 3):  # cannot happen for an RGB image; guards the contract
+        raise BadImage(f"decoded to shape {array.shape}, expected {(SIZE, SIZE, 3)}")
+    return np.ascontiguousarray(array)
+
+
+def _orientation(image: Image.Image) -> Image.Transpose | None:
+    """The turn that makes the image upright, from its EXIF orientation tag (as `ImageOps.exif_transpose`).
+
+    A broken EXIF block leaves the image as stored: the pixels are still good.
+    """
+    try:
+        orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
+    except Exception as error:
+        log.debug("ignoring unreadable EXIF data: %s", error)
+        return None
+    return _TURNS.get(orientation)
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode == "P" and "transparency" in image.info:
+        image, mode = image.convert("RGBA"), "RGBA"
+    if mode in _ALPHA_MODES:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, _WHITE + (255,))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if mode.startswith("I") or mode == "F":  # 16/32-bit integer or float grayscale
+        return Image.fromarray(_gray_to_uint8(np.asarray(image), mode), "L").convert("RGB")
+    return image.convert("RGB")  # L, 1, P, CMYK, YCbCr, LAB, HSV
+
+
+def _gray_to_uint8(values: np.ndarray, mode: str) -> np.ndarray:
+    top = float(values.max()) if values.size else 0.0
+    scaled = values.astype(np.float64)
+    if mode.startswith("I;16") or (mode == "I" and top > 255.0):  # 16-bit samples
+        scaled /= 257.0
+    elif mode == "F" and top <= 1.0:  # float samples in [0, 1]
+        scaled *= 255.0
+    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+
+
+def _reason(error: Exception) -> str:
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
