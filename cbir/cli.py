@@ -120,10 +120,10 @@ def serve():
 @click.option("--max-batch", type=int, help="Most images per model call (dynamic batching).")
 def serve_embedder(**options):
     """The embedder: images -> VGG-16 vectors."""
-    from services.embedder.__main__ import serve as run
+    from services.embedder.server import serve as run
     from services.embedder.settings import EmbedderSettings
 
-    run(EmbedderSettings(**_given(**options)))
+    sys.exit(run(EmbedderSettings(**_given(**options))) or 0)
 
 
 @serve.command("indexer")
@@ -131,10 +131,10 @@ def serve_embedder(**options):
 @click.option("--bundle", type=click.Path(path_type=pathlib.Path), help="Bundle root or version folder.")
 def serve_indexer(**options):
     """The indexer: k-NN over one index bundle."""
-    from services.indexer.__main__ import serve as run
+    from services.indexer.server import serve as run
     from services.indexer.settings import IndexerSettings
 
-    run(IndexerSettings(**_given(**options)))
+    sys.exit(run(IndexerSettings(**_given(**options))) or 0)
 
 
 @serve.command("gateway")
@@ -143,10 +143,10 @@ def serve_indexer(**options):
 @click.option("--indexer", "indexer_target", help="Indexer gRPC target.")
 def serve_gateway(**options):
     """The gateway: the public search API."""
-    from services.gateway.__main__ import serve as run
+    from services.gateway.server import serve as run
     from services.gateway.settings import GatewaySettings
 
-    run(GatewaySettings(**_given(**options)))
+    sys.exit(run(GatewaySettings(**_given(**options))) or 0)
 
 
 @serve.command("ui")
@@ -157,10 +157,10 @@ def serve_gateway(**options):
               help="Folder whose images the UI may show (repeatable).")
 def serve_ui(**options):
     """The web UI (Gradio)."""
-    from ui.__main__ import serve as run
+    from ui.server import serve as run
     from ui.settings import UiSettings
 
-    run(UiSettings(**_given(**options)))
+    sys.exit(run(UiSettings(**_given(**options))) or 0)
 
 
 # ---------------------------------------------------------------------------------------- demo

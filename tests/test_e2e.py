@@ -16,7 +16,7 @@ from PIL import Image
 from cbir.bundle import open_bundle
 from cbir.cli import main as cli
 from cbir.client import GatewayClient
-from tests.conftest import DEMO_PHOTOS, E2E_PHOTOS
+from conftest import DEMO_PHOTOS, E2E_PHOTOS
 
 pytestmark = pytest.mark.slow
 

@@ -69,4 +69,9 @@ class ShardStore:
         self._ids, self._vectors, self._rejected_ids, self._reasons = [], [], [], []
 
     def remove(self) -> None:
+        """Delete the shards (once the bundle holds them), and the work folder if nothing else is in it."""
         shutil.rmtree(self.folder, ignore_errors=True)
+        try:
+            self.folder.parent.rmdir()
+        except OSError:
+            pass  # another build's shards are still there
