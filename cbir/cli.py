@@ -173,12 +173,17 @@ def serve_ui(**options):
 @click.option("--rebuild", is_flag=True, help="Build the demo index again even if it is up to date.")
 @click.option("--ui-port", type=int, default=7860)
 @click.option("--gateway-port", type=int, default=50050)
-def demo(photos, workdir, weights, rebuild, ui_port, gateway_port):
+@click.option("--embedder-port", type=int, default=50051)
+@click.option("--indexer-port", type=int, default=50052)
+@click.option("--metrics-port-base", type=int, default=9100,
+              help="Metrics ports of gateway, embedder, indexer: this, +1, +2.")
+def demo(photos, workdir, weights, rebuild, ui_port, gateway_port, embedder_port, indexer_port, metrics_port_base):
     """Index the demo photos and run embedder, indexer, gateway and UI locally until Ctrl-C."""
     from cbir.demo import DemoOptions, run_demo
 
     sys.exit(run_demo(DemoOptions(photos=photos, workdir=workdir, weights=weights, rebuild=rebuild,
-                                  ui_port=ui_port, gateway_port=gateway_port)))
+                                  ui_port=ui_port, gateway_port=gateway_port, embedder_port=embedder_port,
+                                  indexer_port=indexer_port, metrics_port_base=metrics_port_base)))
 
 
 # ---------------------------------------------------------------------------------------- search

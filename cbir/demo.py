@@ -33,6 +33,7 @@ class DemoOptions:
     gateway_port: int = 50050
     embedder_port: int = 50051
     indexer_port: int = 50052
+    metrics_port_base: int = 9100  # gateway, embedder, indexer: base, base + 1, base + 2
     start_timeout_s: float = 300.0
 
 
@@ -54,12 +55,13 @@ def run_demo(options: DemoOptions) -> int:
     ensure_demo_bundle(photos, bundle, options.weights, options.rebuild)
 
     o = options
+    metrics = o.metrics_port_base
     services = [
-        Service("embedder", ["embedder", "--port", str(o.embedder_port), "--metrics-port", "9101",
+        Service("embedder", ["embedder", "--port", str(o.embedder_port), "--metrics-port", str(metrics + 1),
                              "--weights", o.weights], grpc_port=o.embedder_port),
-        Service("indexer", ["indexer", "--port", str(o.indexer_port), "--metrics-port", "9102",
+        Service("indexer", ["indexer", "--port", str(o.indexer_port), "--metrics-port", str(metrics + 2),
                             "--bundle", str(bundle)], grpc_port=o.indexer_port),
-        Service("gateway", ["gateway", "--port", str(o.gateway_port), "--metrics-port", "9100",
+        Service("gateway", ["gateway", "--port", str(o.gateway_port), "--metrics-port", str(metrics),
                             "--embedder", f"127.0.0.1:{o.embedder_port}",
                             "--indexer", f"127.0.0.1:{o.indexer_port}"], grpc_port=o.gateway_port),
         Service("ui", ["ui", "--port", str(o.ui_port), "--gateway", f"127.0.0.1:{o.gateway_port}",
@@ -84,8 +86,8 @@ def run_demo(options: DemoOptions) -> int:
             "\ncbir demo is running:\n"
             f"  UI       http://127.0.0.1:{o.ui_port}\n"
             f"  gateway  127.0.0.1:{o.gateway_port}   (try: cbir search {photos / 'skimage-astronaut.jpg'})\n"
-            f"  metrics  http://127.0.0.1:9100/metrics (gateway), :9101 (embedder), :9102 (indexer), "
-            f"http://127.0.0.1:{o.ui_port}/metrics (ui)\n"
+            f"  metrics  http://127.0.0.1:{metrics}/metrics (gateway), :{metrics + 1} (embedder), "
+            f":{metrics + 2} (indexer), http://127.0.0.1:{o.ui_port}/metrics (ui)\n"
             f"  logs     {logs}\n"
             "Press Ctrl-C to stop.\n",
             flush=True,

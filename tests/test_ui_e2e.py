@@ -1,0 +1,49 @@
+"""The web UI on the real stack, in a real browser: a bundle built from real photos, the real
+embedder, indexer and gateway, the real UI, and Debian's Chromium driven by Playwright."""
+
+from __future__ import annotations
+
+import pytest
+from playwright.sync_api import expect
+
+from conftest import E2E_PHOTOS
+from test_ui_browser import WAIT_MS, browser, wait_images_loaded  # noqa: F401  (browser is a fixture)
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow, pytest.mark.filterwarnings("ignore:::gradio.queueing")]
+
+
+@pytest.fixture
+def ui_url(stack, collection):
+    from cbir.client import GatewayClient
+    from ui.server import UiServer
+    from ui.settings import UiSettings
+
+    settings = UiSettings(port=0, gateway_target=stack.gateway, media_roots=[collection], log_level="WARNING")
+    client = GatewayClient(stack.gateway, timeout_s=settings.request_timeout_s)
+    server = UiServer(settings, client)
+    yield server.start()
+    server.stop()
+    client.close()
+
+
+def test_uploading_a_collection_photo_shows_it_first_and_clicking_a_hit_searches_by_it(browser, ui_url, collection):
+    """Upload a photo of the collection: the first gallery tile is that photo (its own image,
+    loaded from the collection), with score 1.000; the status panel shows the real index; clicking
+    the second hit makes that item the first result."""
+    page = browser.new_page(viewport={"width": 1280, "height": 1000})
+    page.set_default_timeout(WAIT_MS)
+    try:
+        page.goto(ui_url)
+        expect(page.locator("#status")).to_contain_text(f"{len(E2E_PHOTOS)} images", timeout=WAIT_MS)
+        page.locator("#query input[type=file]").set_input_files(str(collection / "skimage-coffee.jpg"))
+        first_caption = page.locator("#results .caption-label").first
+        expect(first_caption).to_have_text("#1 · skimage-coffee.jpg · score 1.000", timeout=WAIT_MS)
+        images = wait_images_loaded(page, 12)
+        assert "skimage-coffee.jpg" in images[0]["src"]
+        second = page.locator("#results .caption-label").nth(1).inner_text().split(" · ")[1]
+        page.locator("#results button.thumbnail-item").nth(1).click()
+        expect(first_caption).to_have_text(f"#1 · {second} · score 1.000", timeout=WAIT_MS)
+        page.screenshot(path="/tmp/cbir-ui-e2e.png", full_page=True)
+        assert "Traceback" not in page.locator("body").inner_text()
+    finally:
+        page.close()
