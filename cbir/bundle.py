@@ -57,6 +57,9 @@ ITEMS_FILE = "items.sqlite"
 FEATURES_FILE = "features.npy"
 PCA_FILE = "pca.npz"
 CURRENT_FILE = "current"
+# Next to the versions: item ids removed from the collection, one per line. The indexer hides them
+# from results as soon as the file changes; the next build leaves them out.
+DELETED_FILE = "deleted.txt"
 
 # The k a search uses when it does not say (the seed system's k = 50).
 DEFAULT_K = 50
@@ -278,6 +281,89 @@ def _sha256(path: Path) -> str:
 
 def _utc_now() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
+
+
+# --------------------------------------------------------------------------- deletion list
+
+
+def deleted_list_path(root: str | Path) -> Path:
+    """Where the deletion list of the bundle root `root` is."""
+    return Path(root) / DELETED_FILE
+
+
+def read_deleted(root: str | Path) -> frozenset[str]:
+    """The item ids in `root`'s deletion list (empty when there is none)."""
+    path = deleted_list_path(root)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return frozenset()
+    except (OSError, UnicodeDecodeError) as error:
+        raise BundleError(f"cannot read the deletion list {path}: {error}") from error
+    return frozenset(item_id for line in text.split("\n") if (item_id := line.rstrip("\r")))
+
+
+def _write_deleted(root: Path, ids: Iterable[str]) -> None:
+    root.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".deleted-", dir=root)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.writelines(f"{item_id}\n" for item_id in sorted(ids))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, deleted_list_path(root))
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(root)
+
+
+def _check_ids(ids: Iterable[str]) -> list[str]:
+    ids = list(ids)
+    for item_id in ids:
+        if not isinstance(item_id, str) or not item_id or "\n" in item_id or "\r" in item_id:
+            raise InvalidBundleInput(f"cannot list {item_id!r} in a deletion list: ids are non-empty, one line each")
+    return ids
+
+
+def add_deleted(root: str | Path, ids: Iterable[str]) -> int:
+    """Add ids to `root`'s deletion list (atomically replaced); returns how many were new."""
+    root = Path(root)
+    ids = _check_ids(ids)
+    current = read_deleted(root)
+    new = set(ids) - current
+    if new:
+        _write_deleted(root, current | new)
+    return len(new)
+
+
+def remove_deleted(root: str | Path, ids: Iterable[str]) -> int:
+    """Take ids off `root`'s deletion list (they may be indexed again); returns how many were listed."""
+    root = Path(root)
+    ids = set(_check_ids(ids))
+    current = read_deleted(root)
+    gone = current & ids
+    if gone:
+        _write_deleted(root, current - gone)
+    return len(gone)
+
+
+def touch_files(folder: str | Path, names: Iterable[str], chunk_bytes: int = 1 << 20) -> int:
+    """Read files once, sequentially, so that their pages are in the page cache (warm start).
+    Returns the bytes read. Unlike MAP_POPULATE this costs no memory beyond the cache."""
+    total = 0
+    buffer = bytearray(chunk_bytes)
+    for name in names:
+        path = Path(folder) / name
+        try:
+            with open(path, "rb", buffering=0) as f:
+                if hasattr(os, "posix_fadvise"):
+                    os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
+                while read := f.readinto(buffer):
+                    total += read
+        except FileNotFoundError:
+            continue
+    return total
 
 
 # --------------------------------------------------------------------------- writing
@@ -667,6 +753,11 @@ class Bundle:
     def closed(self) -> bool:
         return self._closed
 
+    @property
+    def deleted_list(self) -> Path:
+        """The deletion list that applies to this version: in its bundle root (the folder holding it)."""
+        return deleted_list_path(self.root if self.root is not None else self.path.parent)
+
     # -- vectors
     def project(self, vectors: np.ndarray) -> np.ndarray:
         """Input vectors -> index vectors: PCA (+ L2 norm) when the bundle has one, else float32 as is."""
@@ -759,7 +850,9 @@ class Bundle:
         return f"Bundle({str(self.path)!r}, {self.item_count} items, {self.metric}, dim {self.manifest.index_dimension})"
 
 
-def open_bundle(path: str | Path, *, verify_checksums: bool = True, prefault: bool = False) -> Bundle:
+def open_bundle(
+    path: str | Path, *, verify_checksums: bool = True, prefault: bool = False, version: str | None = None
+) -> Bundle:
     """Open a bundle root (follows `current`) or a version folder, after checking it.
 
     Checks: the manifest parses and has format_version 1; every listed file exists with its
@@ -769,9 +862,22 @@ def open_bundle(path: str | Path, *, verify_checksums: bool = True, prefault: bo
     the manifest's shapes; the Annoy file has the manifest's item count and dimension, and its
     first and last stored vectors equal the (projected) features. `prefault` asks Annoy to read
     the whole index into memory at load (MAP_POPULATE) instead of on first use.
+    `version` opens that version of the bundle root `path` instead of the one `current` names.
     Any problem raises `BundleError` saying which file, what was expected and found, and what to do.
     """
-    folder, root = _resolve(Path(path))
+    if version is None:
+        folder, root = _resolve(Path(path))
+    else:
+        root = Path(path)
+        if not _VERSION_RE.match(version) or version == CURRENT_FILE:
+            raise BundleError(f"{version!r} is not a bundle version name")
+        folder = root / version
+        if not (folder / MANIFEST_FILE).is_file():
+            found = list_versions(root)
+            raise BundleError(
+                f"{folder} is not a bundle version (missing or without {MANIFEST_FILE})"
+                + (f"; versions found: {', '.join(found[-5:])}" if found else "")
+            )
     manifest = _read_manifest(folder)
     _check_files(folder, manifest, verify_checksums)
 

@@ -13,6 +13,7 @@ import signal
 import threading
 import time
 from concurrent import futures
+from pathlib import Path
 from typing import Callable
 
 import grpc
@@ -20,6 +21,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from cbir import metrics
+from cbir.client import read_pem
 from cbir.errors import CbirError
 
 log = logging.getLogger(__name__)
@@ -90,8 +92,25 @@ class ErrorInterceptor(grpc.ServerInterceptor):
         return _wrap_unary(continuation(handler_call_details), wrap)
 
 
+def server_credentials(cert: str | Path, key: str | Path, client_ca: str | Path | None = None) -> grpc.ServerCredentials:
+    """TLS credentials of a server from PEM files; with `client_ca`, clients must present a
+    certificate signed by one of its CAs (mutual TLS)."""
+    pair = (read_pem(key, "TLS private key"), read_pem(cert, "TLS certificate"))
+    if client_ca is None:
+        return grpc.ssl_server_credentials([pair])
+    return grpc.ssl_server_credentials(
+        [pair], root_certificates=read_pem(client_ca, "client CA file"), require_client_auth=True
+    )
+
+
 class GrpcService:
-    """A gRPC server with health checking, reflection, interceptors and a metrics port."""
+    """A gRPC server with health checking, reflection, interceptors and a metrics port.
+
+    With `tls_cert` and `tls_key` (PEM files) it serves TLS only; with `tls_client_ca` as well,
+    mutual TLS: a client without a certificate signed by one of those CAs cannot connect.
+    `max_concurrent_rpcs` bounds the RPCs handled or queued at once: one more is refused at once
+    with RESOURCE_EXHAUSTED (there is no unbounded queue).
+    """
 
     def __init__(
         self,
@@ -105,7 +124,16 @@ class GrpcService:
         max_concurrent_rpcs: int | None = None,
         max_message_bytes: int = 16 * 1024 * 1024,
         grace_seconds: float = 5.0,
+        max_connection_age_s: float | None = None,
+        tls_cert: str | Path | None = None,
+        tls_key: str | Path | None = None,
+        tls_client_ca: str | Path | None = None,
     ):
+        if (tls_cert is None) != (tls_key is None):
+            raise ValueError("tls_cert and tls_key go together")
+        if tls_client_ca is not None and tls_cert is None:
+            raise ValueError("tls_client_ca (mutual TLS) needs tls_cert and tls_key")
+        self._tls = (tls_cert, tls_key, tls_client_ca) if tls_cert is not None else None
         self.name = name
         self._address = f"{host}:{port}"
         self._metrics_host = metrics_host or host
@@ -124,6 +152,10 @@ class GrpcService:
                 ("grpc.max_receive_message_length", max_message_bytes),
                 ("grpc.max_send_message_length", max_message_bytes),
                 ("grpc.so_reuseport", 0),
+                # Clients of replicated services find new replicas only when they resolve the name
+                # again, which gRPC does when a connection ends: ending each one after a while (a
+                # GOAWAY; calls in flight finish first) spreads load onto replicas added later.
+                *([("grpc.max_connection_age_ms", int(max_connection_age_s * 1000))] if max_connection_age_s else []),
             ],
         )
         self.health = health.HealthServicer(experimental_non_blocking=True)
@@ -139,7 +171,10 @@ class GrpcService:
         reflection.enable_server_reflection(
             [*self._service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server
         )
-        self.port = self.server.add_insecure_port(self._address)
+        if self._tls is None:
+            self.port = self.server.add_insecure_port(self._address)
+        else:
+            self.port = self.server.add_secure_port(self._address, server_credentials(*self._tls))
         if self.port == 0:
             raise OSError(f"{self.name}: cannot listen on {self._address} (port in use?)")
         self.set_serving(False)
@@ -149,8 +184,9 @@ class GrpcService:
                 self._metrics_port, self._metrics_host
             )
         log.info(
-            "%s listening on %s (gRPC port %s, metrics port %s)",
+            "%s listening on %s (gRPC port %s, metrics port %s)%s",
             self.name, self._address, self.port, self.metrics_port,
+            "" if self._tls is None else (" with mutual TLS" if self._tls[2] is not None else " with TLS"),
         )
         return self.port
 

@@ -5,7 +5,9 @@ fields; the CLI passes flags as keyword arguments, which win over the environmen
 reads `os.environ`.
 """
 
-from pydantic import Field
+from pathlib import Path
+
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -23,7 +25,26 @@ class ServerSettings(BaseSettings):
     )
     max_message_mb: float = Field(16.0, gt=0, description="largest gRPC message accepted, MiB")
     grace_seconds: float = Field(5.0, ge=0, description="time given to RPCs in flight on shutdown")
+    max_connection_age_s: float | None = Field(
+        None, gt=0, description="close each client connection after this long (gracefully): clients "
+        "reconnect and resolve dns:/// targets again, so replicas added later get traffic; unset = never"
+    )
     log_level: str = Field("INFO", description="DEBUG, INFO, WARNING or ERROR")
+    tls_cert: Path | None = Field(
+        None, description="PEM certificate (chain) of this server; set with tls_key: serve TLS only"
+    )
+    tls_key: Path | None = Field(None, description="PEM private key of tls_cert")
+    tls_client_ca: Path | None = Field(
+        None, description="PEM CA certificates; set = mutual TLS: clients must present a certificate signed by one"
+    )
+
+    @model_validator(mode="after")
+    def _tls_files(self):
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together: set both (TLS) or neither (plaintext)")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("tls_client_ca (mutual TLS) needs tls_cert and tls_key: the server must serve TLS")
+        return self
 
     @property
     def max_message_bytes(self) -> int:
@@ -39,4 +60,8 @@ class ServerSettings(BaseSettings):
             max_concurrent_rpcs=self.max_concurrent_rpcs,
             max_message_bytes=self.max_message_bytes,
             grace_seconds=self.grace_seconds,
+            max_connection_age_s=self.max_connection_age_s,
+            tls_cert=self.tls_cert,
+            tls_key=self.tls_key,
+            tls_client_ca=self.tls_client_ca,
         )

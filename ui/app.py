@@ -66,6 +66,9 @@ def build_app(settings: UiSettings, client: Any) -> gr.Blocks:
     def on_search(image_path, k, item_ids):
         return show(handlers.search_image(image_path, k, previous=item_ids))
 
+    def on_url(url, k, item_ids):
+        return show(handlers.search_url(url, k, previous=item_ids))
+
     def on_select(item_ids, k, evt: gr.SelectData):
         return show(handlers.select_hit(item_ids, evt.index, k))
 
@@ -81,6 +84,9 @@ def build_app(settings: UiSettings, client: Any) -> gr.Blocks:
                 k = gr.Slider(1, settings.max_k, value=settings.default_k, step=1,
                               label="Number of results (k)", elem_id="k")
                 search = gr.Button("Search", variant="primary", elem_id="search")
+                url = gr.Textbox(label="…or the URL of an image", placeholder="https://…", max_lines=1,
+                                 elem_id="url")
+                url_search = gr.Button("Search URL", elem_id="search-url")
                 with gr.Accordion("Index status", open=True):
                     status = gr.Markdown("Checking the gateway…", elem_id="status")
                     refresh = gr.Button("Refresh status", size="sm", elem_id="refresh-status")
@@ -94,6 +100,8 @@ def build_app(settings: UiSettings, client: Any) -> gr.Blocks:
         search.click(on_search, [query, k, item_ids], outputs)
         query.upload(on_search, [query, k, item_ids], outputs)
         gallery.select(on_select, [item_ids, k], outputs)
+        url_search.click(on_url, [url, k, item_ids], outputs)
+        url.submit(on_url, [url, k, item_ids], outputs)
         refresh.click(handlers.status, None, status)
         blocks.load(handlers.status, None, status)
 

@@ -32,6 +32,8 @@ class Gateway(Protocol):
 
     def search_id(self, item_id: str, k: int = 0, search_k: int = 0, exclude_self: bool = False) -> Any: ...
 
+    def search_url(self, url: str, k: int = 0, search_k: int = 0) -> Any: ...
+
     def status(self) -> Any: ...
 
 
@@ -172,6 +174,17 @@ class SearchHandlers:
                 f"{self.max_upload_bytes / 2**20:.0f} MiB)."))
         return self._call("image", lambda: self.client.search_image(data, k=self._k(k)),
                           "for the uploaded image", previous)
+
+    def search_url(self, url: str | None, k: Any = None, previous: list[str] | None = None) -> SearchView:
+        """Search by the image at an http(s) URL, which the gateway downloads (under its SSRF rules)."""
+        url = (url or "").strip()
+        if not url:
+            return self._finish("url", "no_input", SearchView("Paste the http(s) URL of an image, then press **Search URL**."))
+        if not url.lower().startswith(("http://", "https://")):
+            return self._finish("url", "bad_input", SearchView("Only http:// and https:// image URLs can be searched."))
+        shown = url if len(url) <= 80 else url[:79] + "…"
+        return self._call("url", lambda: self.client.search_url(url, k=self._k(k)),
+                          f"for the image at {md(shown)}", previous)
 
     def search_id(self, item_id: str, k: Any = None, previous: list[str] | None = None, rank: int | None = None) -> SearchView:
         """Search by an indexed item (what clicking a result does)."""

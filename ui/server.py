@@ -143,7 +143,10 @@ def serve(settings: UiSettings) -> None:
     from cbir.logs import setup_logging
 
     setup_logging(settings.log_level)
-    client = GatewayClient(settings.gateway_target, timeout_s=settings.request_timeout_s)
+    client = GatewayClient(
+        settings.gateway_target, timeout_s=settings.request_timeout_s, tls=settings.gateway_tls,
+        tls_ca=settings.gateway_tls_ca, tls_cert=settings.gateway_tls_cert, tls_key=settings.gateway_tls_key,
+    )
     try:
         UiServer(settings, client).run()
     finally:

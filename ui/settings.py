@@ -34,6 +34,10 @@ class UiSettings(BaseSettings):
     max_upload_mb: float = Field(16.0, gt=0, description="largest image a user may upload, MiB")
     concurrency: int = Field(8, ge=1, description="searches the UI runs at once (more wait in Gradio's queue)")
     log_level: str = Field("INFO", description="DEBUG, INFO, WARNING or ERROR")
+    gateway_tls: bool = Field(False, description="reach the gateway over TLS (implied by gateway_tls_ca)")
+    gateway_tls_ca: Path | None = Field(None, description="PEM CA file the gateway's certificate is checked against")
+    gateway_tls_cert: Path | None = Field(None, description="client certificate for mutual TLS with the gateway")
+    gateway_tls_key: Path | None = Field(None, description="key of gateway_tls_cert")
 
     @field_validator("media_roots", mode="before")
     @classmethod

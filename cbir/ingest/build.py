@@ -1,28 +1,46 @@
 """`cbir index build`: list the collection, read and decode images in parallel, embed them in
 batches, keep every vector with its id in resumable shards, then write an index bundle.
 
-Bad images never stop a build: they go to the rejects file with the reason.
+Bad images never stop a build: they go to the rejects file with the reason. Failures that may pass
+(a download that timed out, HTTP 503) are reported there too but not remembered, so the next run
+tries them again; permanent ones (not an image, HTTP 404, too large) are remembered in the shards.
+
+Exactly once: the shards map item ids to vectors, so a build killed at any point (kill -9) and
+started again embeds only what is missing, and the bundle lists each source item once, in source
+order. One build at a time may write into a bundle root (a lock file, released by the kernel
+when the process dies).
+
+Growing collections (`incremental`): the vectors of the live version are reused; only source items
+it lacks are embedded, and the new version holds the old items plus the new ones. Items on the
+bundle root's deletion list (`deleted.txt`) and in `options.deleted` are left out of every new
+version.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import json
 import logging
+import os
 import pathlib
+import shutil
 import time
 
 import numpy as np
 from tqdm import tqdm
 
-from cbir.bundle import write_bundle
-from cbir.errors import BadImage
-from cbir.ingest.fetch import FetchError, read_bytes
+from cbir.bundle import open_bundle, read_deleted, write_bundle
+from cbir.errors import BadImage, BundleError
+from cbir.ingest.fetch import Downloader, FetchError, FetchLimits, UrlPolicy, read_bytes
 from cbir.ingest.pipeline import chunked, ordered_map
 from cbir.ingest.shards import ShardStore
-from cbir.ingest.sources import SourceError, SourceItem, list_source
+from cbir.ingest.sources import SourceError, SourceItem, is_remote, list_source
 
 log = logging.getLogger(__name__)
+
+LOCK_FILE = ".build.lock"
 
 
 @dataclasses.dataclass
@@ -37,6 +55,13 @@ class BuildOptions:
     max_image_bytes: int = 32 * 1024 * 1024
     fetch_timeout_s: float = 20.0
     progress: bool = True
+    incremental: bool = False  # reuse the live version's vectors, embed only what it lacks
+    deleted: frozenset[str] = frozenset()  # ids to leave out, besides the root's deletion list
+    fetch_workers: int = 16  # downloads at once when the source has URLs
+    fetch_retries: int = 3
+    fetch_per_host: int = 4
+    allow_private_urls: bool = True  # the manifest is the operator's own: internal hosts are fine
+    fetch_content_types: tuple[str, ...] = ("image/", "application/octet-stream", "binary/octet-stream")
 
 
 @dataclasses.dataclass
@@ -46,94 +71,230 @@ class BuildResult:
     rejected: int
     rejects_file: pathlib.Path
     seconds: float
+    embedded: int = 0  # vectors computed by this run
+    reused: int = 0  # vectors taken from the live version (incremental) or from shards of an interrupted run
+    deleted: int = 0  # items left out because they are on a deletion list
+    transient: int = 0  # failures that may pass: run the build again (incremental) to retry them
 
     @property
     def images_per_second(self) -> float:
         return (self.items + self.rejected) / self.seconds if self.seconds else 0.0
 
 
+@contextlib.contextmanager
+def build_lock(out: pathlib.Path):
+    """Hold `out/.build.lock` (flock) for the build: a second build into the same root is refused."""
+    out.mkdir(parents=True, exist_ok=True)
+    handle = open(out / LOCK_FILE, "a+")
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise SourceError(
+                f"another `cbir index build` is writing into {out} (it holds {out / LOCK_FILE}); wait for it to finish"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        yield
+    finally:
+        handle.close()
+
+
+def _remove_stale_scratch(out: pathlib.Path) -> None:
+    """Half-written versions of a build that was killed (only builds write there, and we hold the lock)."""
+    for scratch in out.glob(".building-*"):
+        shutil.rmtree(scratch, ignore_errors=True)
+    for tmp in out.glob(".current-*"):
+        tmp.unlink(missing_ok=True)
+
+
+@dataclasses.dataclass
+class _Base:
+    """The live version's items and vectors, for an incremental build."""
+
+    version: str
+    ids: list[str]
+    urls: list[str]
+    metadata: list[dict[str, str]]
+    vectors: np.ndarray
+    row: dict[str, int]
+
+
+def _load_base(out: pathlib.Path, fingerprint: str) -> _Base:
+    try:
+        bundle = open_bundle(out)
+    except BundleError as error:
+        raise SourceError(f"--incremental needs a bundle to add to: {error}") from None
+    try:
+        if bundle.model_fingerprint != fingerprint:
+            raise SourceError(
+                f"--incremental: the live version {bundle.version} was built with model {bundle.model_fingerprint}, "
+                f"this build embeds with {fingerprint}; vectors of two models cannot share an index. "
+                "Build without --incremental (embeds everything again)"
+            )
+        records = list(bundle.iter_items())
+        vectors = bundle.features()  # memory-mapped: only the rows kept are copied, once
+        return _Base(
+            bundle.version, [r.item_id for r in records], [r.url for r in records], [r.metadata for r in records],
+            vectors, {r.item_id: i for i, r in enumerate(records)},
+        )
+    finally:
+        bundle.close()
+
+
 def build_index(source, out: pathlib.Path, embedding, options: BuildOptions = BuildOptions()) -> BuildResult:
     """Build a new bundle version under `out` from `source` with `embedding` (Local/RemoteEmbedding)."""
-    started = time.perf_counter()
     out = pathlib.Path(out)
-    items = list_source(source)
-    if not items:
+    with build_lock(out):
+        _remove_stale_scratch(out)
+        return _build(source, out, embedding, options)
+
+
+def _build(source, out: pathlib.Path, embedding, options: BuildOptions) -> BuildResult:
+    started = time.perf_counter()
+    listed = list_source(source)
+    if not listed:
         raise SourceError(f"{source}: no images found")
+    deleted = read_deleted(out) | frozenset(options.deleted)
+    items = [item for item in listed if item.item_id not in deleted]
+    left_out = len(listed) - len(items)
+    if left_out:
+        log.info("leaving out %d items on the deletion list", left_out)
+
+    base = _load_base(out, embedding.info.fingerprint) if options.incremental else None
     store = ShardStore(out / ".work" / embedding.info.fingerprint, options.shard_size)
     vectors, rejects = store.load()
-    todo = [item for item in items if item.item_id not in vectors and item.item_id not in rejects]
+    from_shards = len(vectors)
+    known = base.row if base is not None else {}
+    todo = [item for item in items if item.item_id not in vectors and item.item_id not in rejects
+            and item.item_id not in known]
     if len(todo) < len(items):
-        log.info("resuming: %d of %d items already embedded or rejected", len(items) - len(todo), len(items))
+        log.info("%d of %d items already embedded or rejected; embedding %d", len(items) - len(todo), len(items), len(todo))
 
-    with tqdm(total=len(items), initial=len(items) - len(todo), unit="img", desc="embedding",
-              disable=not options.progress, dynamic_ncols=True) as bar:
-        for item, vector, reason in _embed_all(todo, embedding, options):
-            if reason is None:
-                vectors[item.item_id] = vector
-                store.add(item.item_id, vector)
-            else:
-                rejects[item.item_id] = reason
-                store.add_reject(item.item_id, reason)
-            bar.update(1)
-    store.flush()
+    transient: dict[str, str] = {}
+    downloader = _downloader(options) if any(is_remote(item.location) for item in todo) else None
+    try:
+        with tqdm(total=len(items), initial=len(items) - len(todo), unit="img", desc="embedding",
+                  disable=not options.progress, dynamic_ncols=True) as bar:
+            for item, vector, reason, passing in _embed_all(todo, embedding, options, downloader):
+                if reason is None:
+                    vectors[item.item_id] = vector
+                    store.add(item.item_id, vector)
+                elif passing:
+                    transient[item.item_id] = reason
+                else:
+                    rejects[item.item_id] = reason
+                    store.add_reject(item.item_id, reason)
+                bar.update(1)
+        store.flush()
+    finally:
+        if downloader is not None:
+            downloader.close()
 
-    kept = [item for item in items if item.item_id in vectors]
-    rejects_file = _write_rejects(out, items, rejects)
-    if not kept:
+    ids, urls, metadata, base_rows, new_rows = [], [], [], [], []
+    if base is not None:  # old items first, in their order; a source row may update url/metadata
+        source_items = {item.item_id: item for item in items}
+        for i, item_id in enumerate(base.ids):
+            if item_id in deleted:
+                continue
+            item = source_items.get(item_id)
+            ids.append(item_id)
+            urls.append(item.url if item else base.urls[i])
+            metadata.append(item.metadata if item else base.metadata[i])
+            base_rows.append(i)
+    for item in items:
+        if item.item_id in vectors and item.item_id not in known:
+            ids.append(item.item_id)
+            urls.append(item.url)
+            metadata.append(item.metadata)
+            new_rows.append(vectors[item.item_id])
+    parts = []
+    if base_rows:
+        parts.append(np.asarray(base.vectors[np.asarray(base_rows)], dtype=np.float32))
+    if new_rows:
+        parts.append(np.stack(new_rows).astype(np.float32))
+    rejects_file = _write_rejects(out, items, rejects, transient)
+    if not ids:
         raise SourceError(f"none of the {len(items)} images could be embedded; see {rejects_file}")
     bundle = write_bundle(
         out,
-        ids=[item.item_id for item in kept],
-        urls=[item.url for item in kept],
-        metadata=[item.metadata for item in kept],
-        vectors=np.stack([vectors[item.item_id] for item in kept]).astype(np.float32),
+        ids=ids,
+        urls=urls,
+        metadata=metadata,
+        vectors=np.concatenate(parts) if len(parts) > 1 else parts[0],
         model=embedding.info,
         metric=options.metric,
         trees=options.trees,
         pca_dimension=options.pca_dimension,
         pca_whiten=options.pca_whiten,
-        source=str(source),
+        source=str(source) + (f" (added to {base.version})" if base is not None else ""),
     )
     store.remove()
-    return BuildResult(bundle, len(kept), len(items) - len(kept), rejects_file, time.perf_counter() - started)
+    embedded = len(vectors) - from_shards
+    reused = from_shards + (len(set(known) - deleted) if base is not None else 0)
+    return BuildResult(
+        bundle, len(ids), len(rejects) + len(transient), rejects_file, time.perf_counter() - started,
+        embedded=embedded, reused=reused, deleted=left_out, transient=len(transient),
+    )
 
 
-def _embed_all(items: list[SourceItem], embedding, options: BuildOptions):
-    """Yield (item, vector, None) or (item, None, reason) for every item, in order."""
+def _downloader(options: BuildOptions) -> Downloader:
+    return Downloader(
+        UrlPolicy(allow_private=options.allow_private_urls),
+        FetchLimits(
+            max_bytes=options.max_image_bytes, timeout_s=options.fetch_timeout_s, retries=options.fetch_retries,
+            per_host=options.fetch_per_host, content_types=options.fetch_content_types,
+        ),
+    )
+
+
+def _embed_all(items: list[SourceItem], embedding, options: BuildOptions, downloader: Downloader | None):
+    """Yield (item, vector, None, False) or (item, None, reason, transient) for every item, in order."""
 
     def prepare(item: SourceItem):
         try:
-            data = read_bytes(item, max_bytes=options.max_image_bytes, timeout_s=options.fetch_timeout_s)
-            return item, embedding.prepare(data), None
-        except (FetchError, BadImage) as error:
-            return item, None, str(error)
+            data = read_bytes(item, max_bytes=options.max_image_bytes, timeout_s=options.fetch_timeout_s,
+                              downloader=downloader)
+            return item, embedding.prepare(data), None, False
+        except FetchError as error:
+            return item, None, str(error), error.transient
+        except BadImage as error:
+            return item, None, str(error), False
 
     def embed(batch):
-        good = [(item, payload) for item, payload, reason in batch if reason is None]
+        good = [(item, payload) for item, payload, reason, _ in batch if reason is None]
         results = iter(embedding.embed([payload for _, payload in good]) if good else [])
         out = []
-        for item, payload, reason in batch:
+        for item, payload, reason, passing in batch:
             if reason is None:
                 result = next(results)
                 reason = result if isinstance(result, str) else None
-                out.append((item, None if reason else result, reason))
+                out.append((item, None if reason else result, reason, False))
             else:
-                out.append((item, None, reason))
+                out.append((item, None, reason, passing))
         return out
 
-    prepared = ordered_map(prepare, items, workers=options.read_workers, lookahead=4 * options.batch_size)
+    workers = max(options.read_workers, options.fetch_workers) if downloader is not None else options.read_workers
+    prepared = ordered_map(prepare, items, workers=workers, lookahead=max(4 * options.batch_size, 2 * workers))
     batches = chunked(prepared, options.batch_size)
     lanes = embedding.parallel_batches
     for results in ordered_map(embed, batches, workers=lanes, lookahead=lanes + 1):
         yield from results
 
 
-def _write_rejects(out: pathlib.Path, items: list[SourceItem], rejects: dict[str, str]) -> pathlib.Path:
+def _write_rejects(out: pathlib.Path, items: list[SourceItem], rejects: dict[str, str],
+                   transient: dict[str, str]) -> pathlib.Path:
     out.mkdir(parents=True, exist_ok=True)
     path = out / "rejects.jsonl"
     with path.open("w", encoding="utf-8") as handle:
         for item in items:
-            if item.item_id in rejects:
-                record = {"item_id": item.item_id, "location": item.location, "reason": rejects[item.item_id]}
+            if item.item_id in rejects or item.item_id in transient:
+                passing = item.item_id in transient
+                record = {"item_id": item.item_id, "location": item.location,
+                          "reason": transient[item.item_id] if passing else rejects[item.item_id]}
+                if passing:
+                    record["transient"] = True
                 handle.write(json.dumps(record) + "\n")
     return path

@@ -13,6 +13,7 @@ import numpy as np
 
 from cbir import vectors
 from cbir.errors import BadImage
+from cbir.client import ClientTls, open_channel
 from cbir.v1 import common_pb2, embedder_pb2, embedder_pb2_grpc
 
 
@@ -38,12 +39,14 @@ class LocalEmbedding:
 class RemoteEmbedding:
     """The embedder service; several batches in flight reach every replica (round_robin)."""
 
-    def __init__(self, target: str, *, parallel_batches: int = 4, timeout_s: float = 120.0, retries: int = 3):
+    def __init__(self, target: str, *, parallel_batches: int = 4, timeout_s: float = 120.0, retries: int = 3,
+                 tls: ClientTls | None = None):
         self.parallel_batches = parallel_batches
         self._timeout_s = timeout_s
         self._retries = retries
-        self._channel = grpc.insecure_channel(
+        self._channel = open_channel(
             target,
+            tls=tls,
             options=[
                 ("grpc.service_config", '{"loadBalancingConfig": [{"round_robin": {}}]}'),
                 ("grpc.max_send_message_length", 256 * 1024 * 1024),

@@ -1,17 +1,24 @@
 """Resumable storage of embedded features: each shard file holds vectors *with their item ids*.
 
-A build writes a shard every `shard_size` items (atomically: temp file, then rename). Started again
-after a crash, it loads the shards and embeds only what is missing. Rejected items are recorded too,
-so they are not retried on every resume.
+A build writes a shard every `shard_size` items (atomically: temp file, fsync, then rename). Started
+again after a crash, it loads the shards and embeds only what is missing. Rejected items are
+recorded too, so they are not retried on every resume. A kill during a write leaves at most a
+temporary file, removed on the next load; a shard that cannot be read (a damaged disk) is set aside
+with a warning and its items are embedded again. Ids are keys: an item is never counted twice.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import pathlib
+import re
 import shutil
 
 import numpy as np
+
+log = logging.getLogger(__name__)
+_SHARD_RE = re.compile(r"^shard-(\d{6,})\.npz$")
 
 
 class ShardStore:
@@ -27,11 +34,25 @@ class ShardStore:
         """Vectors and rejects already stored by an earlier, interrupted run."""
         vectors: dict[str, np.ndarray] = {}
         rejects: dict[str, str] = {}
-        for shard in sorted(self.folder.glob("shard-*.npz")):
-            with np.load(shard, allow_pickle=False) as data:
-                vectors.update(zip(data["ids"].tolist(), data["vectors"]))
-                rejects.update(zip(data["rejected_ids"].tolist(), data["reasons"].tolist()))
+        for leftover in self.folder.glob(".tmp-*"):
+            leftover.unlink(missing_ok=True)  # a write that a kill interrupted
+        for shard in self._shards():
+            try:
+                with np.load(shard, allow_pickle=False) as data:
+                    ids, rows = data["ids"].tolist(), data["vectors"]
+                    rejected, reasons = data["rejected_ids"].tolist(), data["reasons"].tolist()
+                    if rows.shape[0] != len(ids) or len(rejected) != len(reasons):
+                        raise ValueError(f"{len(ids)} ids for {rows.shape[0]} vectors")
+            except Exception as error:  # noqa: BLE001 - whatever a damaged file raises
+                log.warning("shard %s is unreadable (%s): set aside, its items will be embedded again", shard, error)
+                shard.rename(shard.with_name(f".damaged-{shard.name}"))
+                continue
+            vectors.update(zip(ids, rows))
+            rejects.update(zip(rejected, reasons))
         return vectors, rejects
+
+    def _shards(self) -> list[pathlib.Path]:
+        return sorted(p for p in self.folder.glob("shard-*.npz") if _SHARD_RE.match(p.name))
 
     def add(self, item_id: str, vector: np.ndarray) -> None:
         self._ids.append(item_id)
@@ -51,7 +72,8 @@ class ShardStore:
         if not self._ids and not self._rejected_ids:
             return
         self.folder.mkdir(parents=True, exist_ok=True)
-        number = len(list(self.folder.glob("shard-*.npz")))
+        existing = self._shards()
+        number = int(_SHARD_RE.match(existing[-1].name).group(1)) + 1 if existing else 0
         final = self.folder / f"shard-{number:06d}.npz"
         temporary = self.folder / f".tmp-{final.name}"
         dimension = self._vectors[0].shape[0] if self._vectors else 0
@@ -66,6 +88,11 @@ class ShardStore:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temporary, final)
+        fd = os.open(self.folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)  # the rename itself survives a power cut
+        finally:
+            os.close(fd)
         self._ids, self._vectors, self._rejected_ids, self._reasons = [], [], [], []
 
     def remove(self) -> None:

@@ -18,14 +18,16 @@ class SearchByImageRequest(_message.Message):
     def __init__(self, image: _Optional[bytes] = ..., k: _Optional[int] = ..., search_k: _Optional[int] = ...) -> None: ...
 
 class Timings(_message.Message):
-    __slots__ = ("embed_ms", "index_ms", "total_ms")
+    __slots__ = ("embed_ms", "index_ms", "total_ms", "fetch_ms")
     EMBED_MS_FIELD_NUMBER: _ClassVar[int]
     INDEX_MS_FIELD_NUMBER: _ClassVar[int]
     TOTAL_MS_FIELD_NUMBER: _ClassVar[int]
+    FETCH_MS_FIELD_NUMBER: _ClassVar[int]
     embed_ms: float
     index_ms: float
     total_ms: float
-    def __init__(self, embed_ms: _Optional[float] = ..., index_ms: _Optional[float] = ..., total_ms: _Optional[float] = ...) -> None: ...
+    fetch_ms: float
+    def __init__(self, embed_ms: _Optional[float] = ..., index_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., fetch_ms: _Optional[float] = ...) -> None: ...
 
 class SearchByImageResponse(_message.Message):
     __slots__ = ("hits", "bundle_version", "timings")
@@ -59,21 +61,49 @@ class SearchByIdResponse(_message.Message):
     timings: Timings
     def __init__(self, hits: _Optional[_Iterable[_Union[_common_pb2.Hit, _Mapping]]] = ..., bundle_version: _Optional[str] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ...) -> None: ...
 
+class SearchByUrlRequest(_message.Message):
+    __slots__ = ("url", "k", "search_k")
+    URL_FIELD_NUMBER: _ClassVar[int]
+    K_FIELD_NUMBER: _ClassVar[int]
+    SEARCH_K_FIELD_NUMBER: _ClassVar[int]
+    url: str
+    k: int
+    search_k: int
+    def __init__(self, url: _Optional[str] = ..., k: _Optional[int] = ..., search_k: _Optional[int] = ...) -> None: ...
+
+class SearchByUrlResponse(_message.Message):
+    __slots__ = ("hits", "bundle_version", "timings", "image_bytes", "content_type")
+    HITS_FIELD_NUMBER: _ClassVar[int]
+    BUNDLE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    TIMINGS_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CONTENT_TYPE_FIELD_NUMBER: _ClassVar[int]
+    hits: _containers.RepeatedCompositeFieldContainer[_common_pb2.Hit]
+    bundle_version: str
+    timings: Timings
+    image_bytes: int
+    content_type: str
+    def __init__(self, hits: _Optional[_Iterable[_Union[_common_pb2.Hit, _Mapping]]] = ..., bundle_version: _Optional[str] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., image_bytes: _Optional[int] = ..., content_type: _Optional[str] = ...) -> None: ...
+
 class GetStatusRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class UpstreamStatus(_message.Message):
-    __slots__ = ("name", "target", "state", "detail")
+    __slots__ = ("name", "target", "state", "detail", "channel", "tls")
     NAME_FIELD_NUMBER: _ClassVar[int]
     TARGET_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     DETAIL_FIELD_NUMBER: _ClassVar[int]
+    CHANNEL_FIELD_NUMBER: _ClassVar[int]
+    TLS_FIELD_NUMBER: _ClassVar[int]
     name: str
     target: str
     state: str
     detail: str
-    def __init__(self, name: _Optional[str] = ..., target: _Optional[str] = ..., state: _Optional[str] = ..., detail: _Optional[str] = ...) -> None: ...
+    channel: str
+    tls: bool
+    def __init__(self, name: _Optional[str] = ..., target: _Optional[str] = ..., state: _Optional[str] = ..., detail: _Optional[str] = ..., channel: _Optional[str] = ..., tls: _Optional[bool] = ...) -> None: ...
 
 class GetStatusResponse(_message.Message):
     __slots__ = ("upstreams", "model", "index", "compatible", "detail")

@@ -45,6 +45,11 @@ class GatewayStub:
                 request_serializer=cbir_dot_v1_dot_gateway__pb2.SearchByIdRequest.SerializeToString,
                 response_deserializer=cbir_dot_v1_dot_gateway__pb2.SearchByIdResponse.FromString,
                 _registered_method=True)
+        self.SearchByUrl = channel.unary_unary(
+                '/cbir.v1.Gateway/SearchByUrl',
+                request_serializer=cbir_dot_v1_dot_gateway__pb2.SearchByUrlRequest.SerializeToString,
+                response_deserializer=cbir_dot_v1_dot_gateway__pb2.SearchByUrlResponse.FromString,
+                _registered_method=True)
         self.GetStatus = channel.unary_unary(
                 '/cbir.v1.Gateway/GetStatus',
                 request_serializer=cbir_dot_v1_dot_gateway__pb2.GetStatusRequest.SerializeToString,
@@ -68,6 +73,14 @@ class GatewayServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SearchByUrl(self, request, context):
+        """Downloads the image at an http(s) URL (public addresses only unless configured, size, time and
+        content-type limits), then searches by it like SearchByImage.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetStatus(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -86,6 +99,11 @@ def add_GatewayServicer_to_server(servicer, server):
                     servicer.SearchById,
                     request_deserializer=cbir_dot_v1_dot_gateway__pb2.SearchByIdRequest.FromString,
                     response_serializer=cbir_dot_v1_dot_gateway__pb2.SearchByIdResponse.SerializeToString,
+            ),
+            'SearchByUrl': grpc.unary_unary_rpc_method_handler(
+                    servicer.SearchByUrl,
+                    request_deserializer=cbir_dot_v1_dot_gateway__pb2.SearchByUrlRequest.FromString,
+                    response_serializer=cbir_dot_v1_dot_gateway__pb2.SearchByUrlResponse.SerializeToString,
             ),
             'GetStatus': grpc.unary_unary_rpc_method_handler(
                     servicer.GetStatus,
@@ -148,6 +166,33 @@ class Gateway:
             '/cbir.v1.Gateway/SearchById',
             cbir_dot_v1_dot_gateway__pb2.SearchByIdRequest.SerializeToString,
             cbir_dot_v1_dot_gateway__pb2.SearchByIdResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SearchByUrl(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cbir.v1.Gateway/SearchByUrl',
+            cbir_dot_v1_dot_gateway__pb2.SearchByUrlRequest.SerializeToString,
+            cbir_dot_v1_dot_gateway__pb2.SearchByUrlResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -64,7 +64,35 @@ class GetIndexInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetIndexInfoResponse(_message.Message):
-    __slots__ = ("index",)
+    __slots__ = ("index", "deleted_items", "deleted_list")
     INDEX_FIELD_NUMBER: _ClassVar[int]
+    DELETED_ITEMS_FIELD_NUMBER: _ClassVar[int]
+    DELETED_LIST_FIELD_NUMBER: _ClassVar[int]
     index: _common_pb2.IndexInfo
-    def __init__(self, index: _Optional[_Union[_common_pb2.IndexInfo, _Mapping]] = ...) -> None: ...
+    deleted_items: int
+    deleted_list: str
+    def __init__(self, index: _Optional[_Union[_common_pb2.IndexInfo, _Mapping]] = ..., deleted_items: _Optional[int] = ..., deleted_list: _Optional[str] = ...) -> None: ...
+
+class ReloadBundleRequest(_message.Message):
+    __slots__ = ("version", "allow_model_change")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    ALLOW_MODEL_CHANGE_FIELD_NUMBER: _ClassVar[int]
+    version: str
+    allow_model_change: bool
+    def __init__(self, version: _Optional[str] = ..., allow_model_change: _Optional[bool] = ...) -> None: ...
+
+class ReloadBundleResponse(_message.Message):
+    __slots__ = ("reloaded", "bundle_version", "previous_version", "item_count", "deleted_items", "seconds")
+    RELOADED_FIELD_NUMBER: _ClassVar[int]
+    BUNDLE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    PREVIOUS_VERSION_FIELD_NUMBER: _ClassVar[int]
+    ITEM_COUNT_FIELD_NUMBER: _ClassVar[int]
+    DELETED_ITEMS_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    reloaded: bool
+    bundle_version: str
+    previous_version: str
+    item_count: int
+    deleted_items: int
+    seconds: float
+    def __init__(self, reloaded: _Optional[bool] = ..., bundle_version: _Optional[str] = ..., previous_version: _Optional[str] = ..., item_count: _Optional[int] = ..., deleted_items: _Optional[int] = ..., seconds: _Optional[float] = ...) -> None: ...

@@ -55,6 +55,11 @@ class IndexerStub:
                 request_serializer=cbir_dot_v1_dot_indexer__pb2.GetIndexInfoRequest.SerializeToString,
                 response_deserializer=cbir_dot_v1_dot_indexer__pb2.GetIndexInfoResponse.FromString,
                 _registered_method=True)
+        self.ReloadBundle = channel.unary_unary(
+                '/cbir.v1.Indexer/ReloadBundle',
+                request_serializer=cbir_dot_v1_dot_indexer__pb2.ReloadBundleRequest.SerializeToString,
+                response_deserializer=cbir_dot_v1_dot_indexer__pb2.ReloadBundleResponse.FromString,
+                _registered_method=True)
 
 
 class IndexerServicer:
@@ -87,6 +92,16 @@ class IndexerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReloadBundle(self, request, context):
+        """Admin: open, check and warm a bundle version, then serve it instead of the live one, without
+        failing a request. A broken version (bad checksum, truncated file, another model) is refused
+        with FAILED_PRECONDITION and the live version stays. Also re-reads the deletion list.
+        Not idempotent from a client's point of view: never retried automatically.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_IndexerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -109,6 +124,11 @@ def add_IndexerServicer_to_server(servicer, server):
                     servicer.GetIndexInfo,
                     request_deserializer=cbir_dot_v1_dot_indexer__pb2.GetIndexInfoRequest.FromString,
                     response_serializer=cbir_dot_v1_dot_indexer__pb2.GetIndexInfoResponse.SerializeToString,
+            ),
+            'ReloadBundle': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReloadBundle,
+                    request_deserializer=cbir_dot_v1_dot_indexer__pb2.ReloadBundleRequest.FromString,
+                    response_serializer=cbir_dot_v1_dot_indexer__pb2.ReloadBundleResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -220,6 +240,33 @@ class Indexer:
             '/cbir.v1.Indexer/GetIndexInfo',
             cbir_dot_v1_dot_indexer__pb2.GetIndexInfoRequest.SerializeToString,
             cbir_dot_v1_dot_indexer__pb2.GetIndexInfoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReloadBundle(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cbir.v1.Indexer/ReloadBundle',
+            cbir_dot_v1_dot_indexer__pb2.ReloadBundleRequest.SerializeToString,
+            cbir_dot_v1_dot_indexer__pb2.ReloadBundleResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -60,6 +60,14 @@ def start(settings: GatewaySettings) -> RunningGateway:
         settings.embedder_target, settings.indexer_target, settings.default_k, settings.max_k,
         settings.embed_timeout_s, settings.index_timeout_s,
     )
+    log.info(
+        "gateway: request budget %gs; SearchByUrl fetches %s (max %d bytes, %gs); upstreams over %s",
+        settings.request_timeout_s,
+        "any address" if settings.url_allow_private else "public addresses"
+        + (f" and {', '.join(settings.url_allow_networks)}" if settings.url_allow_networks else ""),
+        settings.url_max_bytes, settings.url_timeout_s,
+        "TLS" if servicer.embedder.tls is not None else "plaintext",
+    )
     return RunningGateway(service, servicer)
 
 

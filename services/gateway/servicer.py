@@ -2,6 +2,11 @@
 
 Handlers raise `cbir.errors` domain errors; `cbir.grpc_server.ErrorInterceptor` turns them into
 statuses. Upstream failures are mapped in `services.gateway.upstreams`.
+
+Each search has a deadline budget (`request_timeout_s`, or the caller's deadline if sooner) that
+the download, the Embed call and the index query share. SearchByUrl downloads through
+`cbir.ingest.fetch.Downloader` with a policy that refuses non-public addresses unless configured
+(see `services.gateway.urls`).
 """
 
 from __future__ import annotations
@@ -9,11 +14,13 @@ from __future__ import annotations
 import time
 
 from cbir import metrics
+from cbir.client import ClientTls
 from cbir.errors import InvalidRequest
 from cbir.v1 import gateway_pb2, gateway_pb2_grpc, indexer_pb2
 from services.gateway.settings import GatewaySettings
 from services.gateway.status import gather_status
 from services.gateway.upstreams import EmbedderUpstream, IndexerUpstream
+from services.gateway.urls import UrlFetcher
 
 SERVICE_NAME = gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name  # "cbir.v1.Gateway"
 
@@ -25,24 +32,36 @@ def _ms(seconds: float) -> float:
 
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
-    def __init__(self, settings: GatewaySettings, embedder: EmbedderUpstream, indexer: IndexerUpstream):
+    def __init__(self, settings: GatewaySettings, embedder: EmbedderUpstream, indexer: IndexerUpstream,
+                 urls: UrlFetcher | None = None):
         self.settings = settings
         self.embedder = embedder
         self.indexer = indexer
+        self.urls = urls or UrlFetcher.from_settings(settings)
 
     @classmethod
-    def from_settings(cls, settings: GatewaySettings) -> "GatewayServicer":
+    def from_settings(cls, settings: GatewaySettings, **fetcher_options) -> "GatewayServicer":
         """A servicer with its own channels to the upstreams named in `settings`."""
         size = settings.max_message_bytes
+        tls = ClientTls.from_settings(
+            settings.upstream_tls, settings.upstream_tls_ca, settings.upstream_tls_cert, settings.upstream_tls_key,
+            settings.upstream_tls_server_name,
+        )
         return cls(
             settings,
-            EmbedderUpstream(settings.embedder_target, max_message_bytes=size),
-            IndexerUpstream(settings.indexer_target, max_message_bytes=size),
+            EmbedderUpstream(settings.embedder_target, max_message_bytes=size, tls=tls),
+            IndexerUpstream(settings.indexer_target, max_message_bytes=size, tls=tls),
+            UrlFetcher.from_settings(settings, **fetcher_options),
         )
 
     def close(self) -> None:
         self.embedder.close()
         self.indexer.close()
+        self.urls.close()
+
+    def _deadline(self) -> float:
+        """The request's deadline budget, as a time.monotonic() value."""
+        return time.monotonic() + self.settings.request_timeout_s
 
     def _k(self, k: int) -> int:
         if k == 0:
@@ -53,28 +72,11 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
 
     def SearchByImage(self, request: gateway_pb2.SearchByImageRequest, context) -> gateway_pb2.SearchByImageResponse:
         start = time.perf_counter()
+        deadline = self._deadline()
         if not request.image:
             raise InvalidRequest("image is empty: send the encoded bytes of a JPEG, PNG, WebP, ... image")
         k = self._k(request.k)
-
-        with metrics.stage("gateway", "embed"):
-            embed_start = time.perf_counter()
-            vector, fingerprint = self.embedder.embed(
-                request.image, timeout_s=self.settings.embed_timeout_s, context=context
-            )
-            embed_s = time.perf_counter() - embed_start
-
-        with metrics.stage("gateway", "index"):
-            index_start = time.perf_counter()
-            found = self.indexer.query_vector(
-                indexer_pb2.QueryVectorRequest(
-                    vector=vector, k=k, search_k=request.search_k, model_fingerprint=fingerprint
-                ),
-                timeout_s=self.settings.index_timeout_s,
-                context=context,
-            )
-            index_s = time.perf_counter() - index_start
-
+        found, embed_s, index_s = self._search_image(request.image, k, request.search_k, context, deadline)
         return gateway_pb2.SearchByImageResponse(
             hits=found.hits,
             bundle_version=found.bundle_version,
@@ -82,6 +84,52 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 embed_ms=_ms(embed_s), index_ms=_ms(index_s), total_ms=_ms(time.perf_counter() - start)
             ),
         )
+
+    def SearchByUrl(self, request: gateway_pb2.SearchByUrlRequest, context) -> gateway_pb2.SearchByUrlResponse:
+        start = time.perf_counter()
+        deadline = self._deadline()
+        remaining = context.time_remaining() if context is not None else None
+        if remaining is not None:
+            deadline = min(deadline, time.monotonic() + remaining)
+        if not request.url:
+            raise InvalidRequest("url is empty: give the http(s) URL of an image")
+        k = self._k(request.k)
+        with metrics.stage("gateway", "fetch"):
+            fetched = self.urls.fetch(request.url, deadline=deadline)
+        fetch_s = time.perf_counter() - start
+        found, embed_s, index_s = self._search_image(fetched.data, k, request.search_k, context, deadline)
+        return gateway_pb2.SearchByUrlResponse(
+            hits=found.hits,
+            bundle_version=found.bundle_version,
+            timings=gateway_pb2.Timings(
+                fetch_ms=_ms(fetch_s), embed_ms=_ms(embed_s), index_ms=_ms(index_s),
+                total_ms=_ms(time.perf_counter() - start),
+            ),
+            image_bytes=len(fetched.data),
+            content_type=fetched.content_type,
+        )
+
+    def _search_image(self, image: bytes, k: int, search_k: int, context, deadline: float):
+        """Embed `image`, then ask the indexer: (QueryVectorResponse, embed seconds, index seconds)."""
+        with metrics.stage("gateway", "embed"):
+            embed_start = time.perf_counter()
+            vector, fingerprint = self.embedder.embed(
+                image, timeout_s=self.settings.embed_timeout_s, context=context, deadline=deadline
+            )
+            embed_s = time.perf_counter() - embed_start
+
+        with metrics.stage("gateway", "index"):
+            index_start = time.perf_counter()
+            found = self.indexer.query_vector(
+                indexer_pb2.QueryVectorRequest(
+                    vector=vector, k=k, search_k=search_k, model_fingerprint=fingerprint
+                ),
+                timeout_s=self.settings.index_timeout_s,
+                context=context,
+                deadline=deadline,
+            )
+            index_s = time.perf_counter() - index_start
+        return found, embed_s, index_s
 
     def SearchById(self, request: gateway_pb2.SearchByIdRequest, context) -> gateway_pb2.SearchByIdResponse:
         start = time.perf_counter()
@@ -97,6 +145,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 ),
                 timeout_s=self.settings.index_timeout_s,
                 context=context,
+                deadline=self._deadline(),
             )
             index_s = time.perf_counter() - index_start
 

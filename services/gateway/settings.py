@@ -1,7 +1,12 @@
 """Gateway settings, read once from `CBIR_GATEWAY_*` environment variables (or keyword arguments)."""
 
-from pydantic import Field, model_validator
-from pydantic_settings import SettingsConfigDict
+import ipaddress
+import json
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import NoDecode, SettingsConfigDict
 
 from cbir.settings import ServerSettings
 
@@ -24,6 +29,63 @@ class GatewaySettings(ServerSettings):
     embed_timeout_s: float = Field(30.0, gt=0, description="deadline of one Embed call (VGG-16 on a busy CPU)")
     index_timeout_s: float = Field(5.0, gt=0, description="deadline of one indexer query")
     status_timeout_s: float = Field(2.0, gt=0, description="deadline of each upstream check in GetStatus")
+    request_timeout_s: float = Field(
+        60.0, gt=0, description="deadline budget of one search: download, embed and index calls together"
+    )
+    # SearchByUrl: the gateway downloads a stranger's URL, so it is careful where it goes (SSRF).
+    url_allow_private: bool = Field(
+        False, description="let SearchByUrl fetch loopback, private and link-local addresses (never on a public gateway)"
+    )
+    url_allow_networks: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="networks SearchByUrl may fetch although not public, e.g. 10.1.2.0/24 "
+        "(JSON list or comma-separated)"
+    )
+    url_max_bytes: int = Field(16 * 1024 * 1024, ge=1, description="largest image SearchByUrl downloads")
+    url_timeout_s: float = Field(10.0, gt=0, description="longest time one download may take, redirects included")
+    url_connect_timeout_s: float = Field(3.0, gt=0, description="longest wait for the image server to answer")
+    url_max_redirects: int = Field(3, ge=0, description="redirects followed (each target checked again)")
+    url_content_types: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["image/"], description="accepted Content-Type prefixes (JSON list or comma-separated)"
+    )
+    url_retries: int = Field(1, ge=0, description="more attempts after a download failure that may pass (5xx, timeout)")
+    url_max_concurrent: int = Field(
+        8, ge=1, description="downloads at once; one more is refused with RESOURCE_EXHAUSTED"
+    )
+    url_per_host: int = Field(2, ge=1, description="downloads at once from one host")
+    # TLS to the embedder and the indexer (both, with the same CA and client certificate).
+    upstream_tls: bool = Field(False, description="reach the upstreams over TLS (implied by upstream_tls_ca)")
+    upstream_tls_ca: Path | None = Field(None, description="PEM CA file the upstreams' certificates are checked against")
+    upstream_tls_cert: Path | None = Field(None, description="client certificate for mutual TLS with the upstreams")
+    upstream_tls_key: Path | None = Field(None, description="key of upstream_tls_cert")
+    upstream_tls_server_name: str | None = Field(
+        None, description="name expected in the upstreams' certificates (default: the targets' host names)"
+    )
+
+    @field_validator("url_allow_networks", "url_content_types", mode="before")
+    @classmethod
+    def _split_list(cls, value):
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                return json.loads(text)
+            return [part.strip() for part in text.split(",") if part.strip()]
+        return value
+
+    @field_validator("url_allow_networks")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        for network in value:
+            try:
+                ipaddress.ip_network(network, strict=False)
+            except ValueError as error:
+                raise ValueError(f"url_allow_networks: {error}") from None
+        return value
+
+    @model_validator(mode="after")
+    def _upstream_tls_pair(self):
+        if (self.upstream_tls_cert is None) != (self.upstream_tls_key is None):
+            raise ValueError("upstream_tls_cert and upstream_tls_key go together")
+        return self
 
     @model_validator(mode="after")
     def _k_limits(self):

@@ -18,7 +18,9 @@ _UNREACHABLE_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCE
 
 
 def _health_state(upstream: Upstream, pending: PendingCall) -> gateway_pb2.UpstreamStatus:
-    status = gateway_pb2.UpstreamStatus(name=upstream.name, target=upstream.target)
+    status = gateway_pb2.UpstreamStatus(
+        name=upstream.name, target=upstream.target, channel=upstream.connectivity, tls=upstream.tls is not None
+    )
     try:
         response = pending.result()
     except CbirError as error:

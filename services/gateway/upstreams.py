@@ -3,11 +3,14 @@
 Each upstream gets one channel, created once, that spreads calls over every address its target
 resolves to with gRPC's own `round_robin` policy: `dns:///embedder:50051` reaches every replica
 a compose/Kubernetes service name resolves to, and `ipv4:10.0.0.1:50051,10.0.0.2:50051` lists
-them by hand. A call that finds a replica UNAVAILABLE is retried by gRPC itself (a few times,
-within the same deadline), which lands it on the next replica.
+them by hand. A call to an idempotent method (`IDEMPOTENT`: Embed, the indexer's queries and the
+info calls; never ReloadBundle) that finds a replica UNAVAILABLE is retried by gRPC itself (up to
+3 attempts with backoff, within the same deadline, throttled when most calls fail), which lands
+it on the next replica.
 
-Every call's deadline is its own timeout or the caller's remaining time, whichever is shorter,
-and the call is cancelled if the caller goes away. `upstream_error` is the one place where an
+Every call's deadline is the shortest of its own timeout, the request's deadline budget and the
+caller's remaining time, and the call is cancelled if the caller goes away. Channels use TLS
+(mutual TLS with a client certificate) when configured. `upstream_error` is the one place where an
 upstream's status becomes a `cbir.errors` domain error.
 """
 
@@ -21,6 +24,7 @@ from typing import Callable
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from cbir.client import ClientTls, open_channel
 from cbir.errors import BadImage, CbirError, UpstreamTimeout, UpstreamUnavailable
 from cbir.v1 import (
     common_pb2,
@@ -65,12 +69,25 @@ class UpstreamFailed(CbirError):
     code = grpc.StatusCode.INTERNAL
 
 
+# Methods that may be sent twice without harm (they only read or compute): the only ones retried.
+IDEMPOTENT = {
+    EMBEDDER_SERVICE: ("Embed", "GetModelInfo"),
+    INDEXER_SERVICE: ("QueryVector", "QueryItem", "GetItems", "GetIndexInfo"),
+}
+
+
 def service_config(*retried_services: str) -> str:
-    """The channels' service config: round_robin over every resolved address; UNAVAILABLE retried."""
+    """The channels' service config: round_robin over every resolved address; UNAVAILABLE retried for
+    the idempotent methods of `retried_services`, with retry throttling (retries stop while more
+    than half of the recent calls fail, so a dead upstream is not hammered)."""
     config: dict = {"loadBalancingConfig": [{"round_robin": {}}]}
-    if retried_services:
+    names = [
+        {"service": service, "method": method}
+        for service in retried_services for method in IDEMPOTENT.get(service, ())
+    ]
+    if names:
         config["methodConfig"] = [{
-            "name": [{"service": name} for name in retried_services],
+            "name": names,
             "retryPolicy": {
                 "maxAttempts": 3,
                 "initialBackoff": "0.05s",
@@ -79,6 +96,7 @@ def service_config(*retried_services: str) -> str:
                 "retryableStatusCodes": ["UNAVAILABLE"],
             },
         }]
+        config["retryThrottling"] = {"maxTokens": 10, "tokenRatio": 0.1}
     return json.dumps(config)
 
 
@@ -95,7 +113,7 @@ def channel_options(max_message_bytes: int, *retried_services: str) -> list[tupl
 
 
 def upstream_error(
-    name: str, target: str, method: str, error: grpc.RpcError, timeout_s: float, caller_bound: bool
+    name: str, target: str, method: str, error: grpc.RpcError, timeout_s: float, caller_bound: bool | str
 ) -> CbirError:
     """The domain error for a failed call to upstream `name` at `target`. The one place for this."""
     code = error.code() if hasattr(error, "code") else None
@@ -105,7 +123,10 @@ def upstream_error(
     if code in PASSED_THROUGH:
         return UpstreamRejected(code, details)
     if code is grpc.StatusCode.DEADLINE_EXCEEDED:
-        whose = "the caller's remaining deadline" if caller_bound else "the gateway's timeout for it"
+        whose = (
+            "the request's deadline budget (request_timeout_s)" if caller_bound == "budget"
+            else "the caller's remaining deadline" if caller_bound else "the gateway's timeout for it"
+        )
         return UpstreamTimeout(
             f"{name} at {target} did not answer {method} within {timeout_s:.3g} s ({whose})"
         )
@@ -161,25 +182,39 @@ class PendingCall:
 class Upstream:
     """One upstream service behind one channel (every replica its target resolves to)."""
 
-    def __init__(self, name: str, target: str, service: str, *, max_message_bytes: int):
+    def __init__(self, name: str, target: str, service: str, *, max_message_bytes: int, tls: ClientTls | None = None):
         self.name = name
         self.target = target
         self.service = service
-        self.channel = grpc.insecure_channel(target, options=channel_options(max_message_bytes, service))
+        self.tls = tls
+        self.channel = open_channel(target, options=channel_options(max_message_bytes, service), tls=tls)
         self._health = health_pb2_grpc.HealthStub(self.channel)
+        self.connectivity = "IDLE"
+        self.channel.subscribe(self._on_connectivity, try_to_connect=False)
+
+    def _on_connectivity(self, state: grpc.ChannelConnectivity) -> None:
+        self.connectivity = state.name
 
     def start(
-        self, method: str, rpc: Callable, request, *, timeout_s: float, context=None, log_level: int = logging.WARNING
+        self, method: str, rpc: Callable, request, *, timeout_s: float, context=None, log_level: int = logging.WARNING,
+        deadline: float | None = None,
     ) -> PendingCall:
-        """Send `request`; the deadline is `timeout_s` or the caller's remaining time if shorter.
+        """Send `request`; the deadline is `timeout_s`, or the request's budget (`deadline`, a
+        time.monotonic() value) or the caller's remaining time if shorter.
 
         A failure other than the caller's own problem is logged at `log_level` once, here.
         """
         timeout, caller_bound = timeout_s, False
+        if deadline is not None:
+            budget = deadline - time.monotonic()
+            if budget < timeout:
+                timeout, caller_bound = budget, "budget"
+            if timeout <= 0:
+                raise UpstreamTimeout(f"no time left for {self.name} {method}: the request's deadline budget is spent")
         if context is not None:
             remaining = context.time_remaining()
-            if remaining is not None and remaining < timeout_s:
-                timeout, caller_bound = remaining, True
+            if remaining is not None and remaining < timeout:
+                timeout, caller_bound = remaining, "caller"
             if timeout <= 0:
                 raise UpstreamTimeout(f"no time left for {self.name} {method}: the caller's deadline has passed")
         future = rpc.future(request, timeout=timeout)
@@ -187,8 +222,8 @@ class Upstream:
             context.add_callback(future.cancel)  # the caller went away: stop the upstream's work too
         return PendingCall(self, method, future, timeout, caller_bound, log_level)
 
-    def call(self, method: str, rpc: Callable, request, *, timeout_s: float, context=None):
-        return self.start(method, rpc, request, timeout_s=timeout_s, context=context).result()
+    def call(self, method: str, rpc: Callable, request, *, timeout_s: float, context=None, deadline=None):
+        return self.start(method, rpc, request, timeout_s=timeout_s, context=context, deadline=deadline).result()
 
     def check_health(self, *, timeout_s: float) -> PendingCall:
         """grpc.health.v1 Check of this upstream's service (answered by one replica)."""
@@ -196,18 +231,20 @@ class Upstream:
         return self.start("Check", self._health.Check, request, timeout_s=timeout_s, log_level=STATUS_LOG_LEVEL)
 
     def close(self) -> None:
+        self.channel.unsubscribe(self._on_connectivity)
         self.channel.close()
 
 
 class EmbedderUpstream(Upstream):
-    def __init__(self, target: str, *, max_message_bytes: int):
-        super().__init__("embedder", target, EMBEDDER_SERVICE, max_message_bytes=max_message_bytes)
+    def __init__(self, target: str, *, max_message_bytes: int, tls: ClientTls | None = None):
+        super().__init__("embedder", target, EMBEDDER_SERVICE, max_message_bytes=max_message_bytes, tls=tls)
         self.stub = embedder_pb2_grpc.EmbedderStub(self.channel)
 
-    def embed(self, image: bytes, *, timeout_s: float, context=None) -> tuple[common_pb2.Vector, str]:
+    def embed(self, image: bytes, *, timeout_s: float, context=None, deadline=None) -> tuple[common_pb2.Vector, str]:
         """(vector, model fingerprint) of one image; BadImage with the embedder's reason if it is not one."""
         response = self.call(
-            "Embed", self.stub.Embed, embedder_pb2.EmbedRequest(images=[image]), timeout_s=timeout_s, context=context
+            "Embed", self.stub.Embed, embedder_pb2.EmbedRequest(images=[image]), timeout_s=timeout_s, context=context,
+            deadline=deadline,
         )
         if len(response.results) != 1:
             raise UpstreamFailed(
@@ -228,15 +265,17 @@ class EmbedderUpstream(Upstream):
 
 
 class IndexerUpstream(Upstream):
-    def __init__(self, target: str, *, max_message_bytes: int):
-        super().__init__("indexer", target, INDEXER_SERVICE, max_message_bytes=max_message_bytes)
+    def __init__(self, target: str, *, max_message_bytes: int, tls: ClientTls | None = None):
+        super().__init__("indexer", target, INDEXER_SERVICE, max_message_bytes=max_message_bytes, tls=tls)
         self.stub = indexer_pb2_grpc.IndexerStub(self.channel)
 
-    def query_vector(self, request: indexer_pb2.QueryVectorRequest, *, timeout_s: float, context=None):
-        return self.call("QueryVector", self.stub.QueryVector, request, timeout_s=timeout_s, context=context)
+    def query_vector(self, request: indexer_pb2.QueryVectorRequest, *, timeout_s: float, context=None, deadline=None):
+        return self.call("QueryVector", self.stub.QueryVector, request, timeout_s=timeout_s, context=context,
+                         deadline=deadline)
 
-    def query_item(self, request: indexer_pb2.QueryItemRequest, *, timeout_s: float, context=None):
-        return self.call("QueryItem", self.stub.QueryItem, request, timeout_s=timeout_s, context=context)
+    def query_item(self, request: indexer_pb2.QueryItemRequest, *, timeout_s: float, context=None, deadline=None):
+        return self.call("QueryItem", self.stub.QueryItem, request, timeout_s=timeout_s, context=context,
+                         deadline=deadline)
 
     def index_info(self, *, timeout_s: float) -> PendingCall:
         return self.start(

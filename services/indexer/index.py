@@ -5,6 +5,10 @@ items by id, what is served) on plain Python/NumPy values; the gRPC servicer onl
 Annoy queries release the GIL and are safe to run concurrently on a read-only index; item
 lookups use one read-only SQLite connection per thread (`cbir.bundle.Bundle`).
 
+Deleted items (the bundle root's deletion list, `set_deleted`) are left out of every answer: a
+query asks Annoy for as many more neighbours as there are deleted items in the bundle (doubling
+when that is not enough), so it still returns k hits when the bundle has them.
+
 `IndexHolder` is the single place that holds the served `SearchIndex`. Requests `lease()` it for
 their duration; `swap()` installs another one (a hot reload), after which the old one can be
 `close()`d: that waits until the requests still using it are done, so none is ever dropped and
@@ -28,6 +32,9 @@ from cbir.v1 import common_pb2
 SERVICE = "indexer"
 _INT32_MAX = 2**31 - 1
 _MAX_IDS_SHOWN = 5
+# Up to this many deleted items in a bundle, one query asks for k + deleted neighbours at once;
+# beyond it, 2k first and twice as many again while too few are left.
+_MAX_OVERFETCH = 4096
 
 
 @dataclass(frozen=True)
@@ -64,6 +71,43 @@ class SearchIndex:
         self._users = 0
         self._closing = False
         self._idle = threading.Condition()
+        self._hidden: frozenset[int] = frozenset()  # Annoy ids of deleted items
+        self._hidden_ids: frozenset[str] = frozenset()
+
+    # -- deletions
+    def set_deleted(self, item_ids: frozenset[str] | set[str]) -> int:
+        """Leave these item ids out of every answer from now on; returns how many are in this bundle."""
+        item_ids = frozenset(item_ids)
+        present = [r for r in self.bundle.find_items(sorted(item_ids)) if r is not None] if item_ids else []
+        hidden = frozenset(r.annoy_id for r in present)
+        # One assignment each: a query running meanwhile sees either the old or the new set.
+        self._hidden_ids = frozenset(r.item_id for r in present)
+        self._hidden = hidden
+        return len(hidden)
+
+    @property
+    def deleted_count(self) -> int:
+        return len(self._hidden)
+
+    @property
+    def served_count(self) -> int:
+        """Items a query can return: the bundle's minus the deleted ones."""
+        return self.item_count - len(self._hidden)
+
+    def warm_up(self, queries: int) -> int:
+        """Run `queries` item queries spread over the index (Annoy nodes, item table, this code path)
+        so that the first user query is as fast as later ones. Returns the queries run."""
+        count = self.item_count
+        if queries <= 0 or count == 0:
+            return 0
+        step = max(1, count // queries)
+        k = min(10, count)
+        done = 0
+        for annoy_id in range(0, count, step)[:queries]:
+            ids = self.bundle.index.get_nns_by_item(annoy_id, k, search_k=self._search_k(k, 0))
+            self.bundle.items_by_annoy_ids(ids)
+            done += 1
+        return done
 
     # -- what is served
     @property
@@ -85,7 +129,7 @@ class SearchIndex:
     def info(self) -> common_pb2.IndexInfo:
         m = self.bundle.manifest
         return common_pb2.IndexInfo(
-            item_count=m.item_count,
+            item_count=self.served_count,
             dimension=m.index_dimension,
             input_dimension=m.input_dimension,
             metric=m.metric,
@@ -137,7 +181,7 @@ class SearchIndex:
         """The k items nearest to `vector` (the bundle model's input dimension), best first."""
         self.check_fingerprint(model_fingerprint)
         self._check_k(k)
-        search_k = self._search_k(k, search_k)
+        self._search_k(k, search_k)  # refuses a negative search_k
         array = np.asarray(vector, dtype=np.float32).reshape(-1)
         if array.size != self.input_dimension:
             raise InvalidRequest(f"vector has dimension {array.size}, this index expects {self.input_dimension}")
@@ -146,11 +190,30 @@ class SearchIndex:
         if self.bundle.pca is not None:
             with metrics.stage(SERVICE, "pca"):
                 array = self.bundle.pca.transform(array)
-        with metrics.stage(SERVICE, "ann_query"):
-            ids, distances = self.bundle.index.get_nns_by_vector(
-                array, min(k, self.item_count), search_k=search_k, include_distances=True
-            )
+        ids, distances = self._nearest(
+            lambda n, sk: self.bundle.index.get_nns_by_vector(array, n, search_k=sk, include_distances=True),
+            k, search_k, self._hidden,
+        )
         return self._hits(ids, distances)
+
+    def _nearest(self, fetch, k: int, search_k: int, hidden: frozenset[int]) -> tuple[list[int], list[float]]:
+        """The k nearest (ids, distances) from `fetch(n, search_k)`, without the `hidden` Annoy ids."""
+        total = self.item_count
+        if not hidden:
+            n = min(k, total)
+        elif len(hidden) <= _MAX_OVERFETCH:
+            n = min(k + len(hidden), total)
+        else:
+            n = min(2 * k, total)
+        while True:
+            with metrics.stage(SERVICE, "ann_query"):
+                ids, distances = fetch(n, self._search_k(n, search_k))
+            if hidden:
+                kept = [(i, d) for i, d in zip(ids, distances) if i not in hidden]
+                ids, distances = [i for i, _ in kept], [d for _, d in kept]
+            if len(ids) >= k or n >= total:
+                return ids[:k], distances[:k]
+            n = min(2 * n, total)
 
     def query_item(
         self, item_id: str, *, k: int, search_k: int = 0, exclude_self: bool = False
@@ -161,18 +224,18 @@ class SearchIndex:
             raise InvalidRequest("item_id is empty: give the id of an indexed item")
         with metrics.stage(SERVICE, "id_lookup"):
             (record,) = self.bundle.find_items([item_id])
-        if record is None:
-            raise NotFound(f"item {item_id!r} is not in index bundle {self.version}")
-        wanted = k + 1 if exclude_self else k
-        search_k = self._search_k(wanted, search_k)
-        with metrics.stage(SERVICE, "ann_query"):
-            ids, distances = self.bundle.index.get_nns_by_item(
-                record.annoy_id, min(wanted, self.item_count), search_k=search_k, include_distances=True
-            )
+        hidden = self._hidden
+        if record is None or record.annoy_id in hidden:
+            why = "was deleted (it is on the deletion list)" if record is not None else "is not"
+            raise NotFound(f"item {item_id!r} {why} in index bundle {self.version}")
+        self._search_k(k, search_k)  # refuses a negative search_k
         if exclude_self:
-            kept = [(i, d) for i, d in zip(ids, distances) if i != record.annoy_id][:k]
-            ids, distances = [i for i, _ in kept], [d for _, d in kept]
-        return self._hits(ids[:k], distances[:k])
+            hidden = hidden | {record.annoy_id}
+        ids, distances = self._nearest(
+            lambda n, sk: self.bundle.index.get_nns_by_item(record.annoy_id, n, search_k=sk, include_distances=True),
+            k, search_k, hidden,
+        )
+        return self._hits(ids, distances)
 
     def _hits(self, ids: Sequence[int], distances: Sequence[float]) -> list[SearchHit]:
         with metrics.stage(SERVICE, "id_lookup"):
@@ -189,6 +252,9 @@ class SearchIndex:
             raise InvalidRequest("no item ids given: ask for at least one")
         with metrics.stage(SERVICE, "id_lookup"):
             records = self.bundle.find_items(item_ids)
+        hidden = self._hidden
+        if hidden:
+            records = [None if r is not None and r.annoy_id in hidden else r for r in records]
         missing = list(dict.fromkeys(i for i, r in zip(item_ids, records) if r is None))
         if missing:
             shown = ", ".join(repr(i) for i in missing[:_MAX_IDS_SHOWN])
@@ -240,6 +306,11 @@ class IndexHolder:
     def set_reason(self, reason: str) -> None:
         with self._lock:
             self._reason = reason
+
+    @property
+    def current(self) -> SearchIndex | None:
+        """The index served now (no lease: for the loader and for reports, not for queries)."""
+        return self._index
 
     def swap(self, index: SearchIndex | None, reason: str = "") -> SearchIndex | None:
         """Serve `index` from now on (None: serve nothing, answering `reason`); returns the previous one."""

@@ -14,15 +14,29 @@ BUNDLE_LOADED = prometheus_client.Gauge(
     "cbir_indexer_bundle_loaded",
     "1 while a bundle is loaded and queries are answered, else 0.",
 )
+DELETED_ITEMS = prometheus_client.Gauge(
+    "cbir_indexer_deleted_items",
+    "Items of the served bundle hidden by the deletion list.",
+)
+RELOADS = prometheus_client.Counter(
+    "cbir_indexer_reloads_total",
+    "Attempts to serve another bundle version, by trigger (start, pointer, rpc) and result (ok, refused, unchanged).",
+    ["trigger", "result"],
+)
+WARM_UP_SECONDS = prometheus_client.Gauge(
+    "cbir_indexer_warm_up_seconds",
+    "Time the last warm-up took (page cache + warm-up queries), before the version was served.",
+)
 BUNDLE_LOAD_SECONDS = prometheus_client.Gauge(
     "cbir_indexer_bundle_load_seconds",
     "Time the last successful bundle load took (checks, checksums, mmap).",
 )
 
 
-def set_bundle(bundle) -> None:
+def set_bundle(bundle, served: int | None = None, deleted: int = 0) -> None:
     manifest = bundle.manifest
-    ITEMS.set(manifest.item_count)
+    ITEMS.set(manifest.item_count if served is None else served)
+    DELETED_ITEMS.set(deleted)
     BUNDLE_LOADED.set(1)
     BUNDLE_INFO.info(
         {

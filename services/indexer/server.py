@@ -21,17 +21,18 @@ class IndexerServer:
     """A GrpcService serving `cbir.v1.Indexer` over the bundle at `settings.bundle`.
 
     `start()` returns as soon as the port is bound; the bundle loads in the background and health
-    turns SERVING when it is loaded. Until then every RPC answers UNAVAILABLE with the reason.
+    turns SERVING when it is loaded, checked and warmed up. Until then every RPC answers UNAVAILABLE
+    with the reason. Then the loader follows the bundle root's `current` pointer and deletion list.
     """
 
     def __init__(self, settings: IndexerSettings):
         self.settings = settings
         self.holder = IndexHolder(f"index bundle {settings.bundle} is still being opened; retry shortly")
         self.service = GrpcService("indexer", **settings.grpc_service_kwargs())
-        self.service.add(
-            indexer_pb2_grpc.add_IndexerServicer_to_server, IndexerServicer(self.holder), SERVICE_NAME
-        )
         self.loader = BundleLoader(settings, self.holder, on_ready=self._on_ready)
+        self.service.add(
+            indexer_pb2_grpc.add_IndexerServicer_to_server, IndexerServicer(self.holder, self.loader), SERVICE_NAME
+        )
 
     def _on_ready(self, index: SearchIndex) -> None:
         self.service.set_serving(True)

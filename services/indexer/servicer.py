@@ -7,9 +7,11 @@ them into status codes (INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION, UNAVAI
 from __future__ import annotations
 
 from cbir import vectors
+from cbir.errors import NotReady
 from cbir.v1 import common_pb2, indexer_pb2, indexer_pb2_grpc
 
 from .index import IndexHolder, SearchHit
+from .loader import BundleLoader
 
 SERVICE_NAME = "cbir.v1.Indexer"
 
@@ -21,8 +23,9 @@ def _hit(hit: SearchHit) -> common_pb2.Hit:
 
 
 class IndexerServicer(indexer_pb2_grpc.IndexerServicer):
-    def __init__(self, holder: IndexHolder):
+    def __init__(self, holder: IndexHolder, loader: BundleLoader | None = None):
         self.holder = holder
+        self.loader = loader
 
     def QueryVector(self, request: indexer_pb2.QueryVectorRequest, context) -> indexer_pb2.QueryVectorResponse:
         with self.holder.lease() as index:
@@ -47,4 +50,15 @@ class IndexerServicer(indexer_pb2_grpc.IndexerServicer):
 
     def GetIndexInfo(self, request: indexer_pb2.GetIndexInfoRequest, context) -> indexer_pb2.GetIndexInfoResponse:
         with self.holder.lease() as index:
-            return indexer_pb2.GetIndexInfoResponse(index=index.info())
+            return indexer_pb2.GetIndexInfoResponse(
+                index=index.info(), deleted_items=index.deleted_count, deleted_list=str(index.bundle.deleted_list)
+            )
+
+    def ReloadBundle(self, request: indexer_pb2.ReloadBundleRequest, context) -> indexer_pb2.ReloadBundleResponse:
+        if self.loader is None:
+            raise NotReady("this indexer cannot reload bundles (no loader attached)")
+        result = self.loader.reload(request.version, allow_model_change=request.allow_model_change)
+        return indexer_pb2.ReloadBundleResponse(
+            reloaded=result.reloaded, bundle_version=result.version, previous_version=result.previous_version,
+            item_count=result.item_count, deleted_items=result.deleted_items, seconds=result.seconds,
+        )

@@ -22,3 +22,17 @@ class IndexerSettings(ServerSettings):
     verify_checksums: bool = Field(
         True, description="check every bundle file's sha256 before serving (reads the whole bundle once)"
     )
+    watch_seconds: float = Field(
+        1.0, gt=0, description="how often to look for a changed `current` pointer or deletion list while serving"
+    )
+    warm_up: bool = Field(
+        True, description="before SERVING (and before a reload is swapped in): read the index and item table "
+        "into the page cache and run warm_up_queries queries"
+    )
+    warm_up_queries: int = Field(64, ge=0, description="queries run by the warm-up")
+    model_fingerprint: str = Field(
+        "", description="serve only bundles built with this model fingerprint (empty: any at start)"
+    )
+    allow_model_change: bool = Field(
+        False, description="let a reload switch to a bundle built with another model than the live one"
+    )
