@@ -25,6 +25,12 @@ def _server_options(function):
         click.option("--port", type=int, help="gRPC port."),
         click.option("--metrics-port", type=int, help="Prometheus /metrics port."),
         click.option("--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False)),
+        click.option("--tls-cert", type=click.Path(exists=True, dir_okay=False, path_type=pathlib.Path),
+                     help="PEM certificate: serve TLS (with --tls-key)."),
+        click.option("--tls-key", type=click.Path(exists=True, dir_okay=False, path_type=pathlib.Path),
+                     help="PEM private key of --tls-cert."),
+        click.option("--tls-client-ca", type=click.Path(exists=True, dir_okay=False, path_type=pathlib.Path),
+                     help="PEM CA file: require client certificates signed by it (mutual TLS)."),
     ]):
         function = option(function)
     return function
@@ -63,18 +69,57 @@ def index():
 @click.option("--parallel-batches", type=click.IntRange(min=1), default=4,
               help="With --embedder: batches in flight (spread over the replicas).")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
+@click.option("--incremental", is_flag=True,
+              help="Add to the live version of --out: reuse its vectors, embed only the images it lacks.")
+@click.option("--deleted", "deleted_file", type=click.Path(exists=True, dir_okay=False, path_type=pathlib.Path),
+              help="File of item ids (one per line) to leave out, besides --out's deleted.txt.")
+@click.option("--shard-size", type=click.IntRange(min=1), default=1024,
+              help="Vectors per resumable work shard (an interrupted build loses at most one shard's work).")
+@click.option("--fetch-timeout", type=click.FloatRange(min=0, min_open=True), default=20.0,
+              help="Seconds one URL download may take.")
+@click.option("--fetch-retries", type=click.IntRange(min=0), default=3,
+              help="More attempts for downloads that failed in a way that may pass (timeouts, 5xx).")
+@click.option("--fetch-workers", type=click.IntRange(min=1), default=16, help="Downloads at once (URL sources).")
+@click.option("--per-host", type=click.IntRange(min=1), default=4, help="Downloads at once from one host.")
+@click.option("--public-urls-only", is_flag=True,
+              help="Refuse URLs of loopback, private and link-local addresses (default: the manifest is trusted).")
+@click.option("--tls-ca", type=click.Path(exists=True, dir_okay=False, path_type=pathlib.Path),
+              help="With --embedder: PEM CA file of the embedder's TLS certificate.")
+@click.option("--tls-cert", type=click.Path(exists=True, dir_okay=False, path_type=pathlib.Path),
+              help="With --embedder: client certificate (mutual TLS).")
+@click.option("--tls-key", type=click.Path(exists=True, dir_okay=False, path_type=pathlib.Path),
+              help="With --embedder: key of --tls-cert.")
 def index_build(source, out, feature, weights, metric, trees, pca_dimension, pca_whiten, batch_size,
-                read_workers, embedder_target, parallel_batches, no_progress):
+                read_workers, embedder_target, parallel_batches, no_progress, incremental=False, deleted_file=None,
+                shard_size=1024, fetch_timeout=20.0, fetch_retries=3, fetch_workers=16, per_host=4,
+                public_urls_only=False, tls_ca=None, tls_cert=None, tls_key=None):
     """Embed every image of SOURCE (a folder, or a .csv/.jsonl manifest with an id and a path or URL
     per row) and write a new index bundle version under --out."""
     from cbir.logs import setup_logging
     from cbir.ingest.build import BuildOptions, build_index
 
+    from cbir.ingest.sources import SourceError
+
     setup_logging()
-    embedding = _embedding(embedder_target, feature, weights, parallel_batches)
+    tls = _client_tls(tls_ca, tls_cert, tls_key)
+    embedding = _embedding(embedder_target, feature, weights, parallel_batches, tls=tls)
+    deleted = frozenset()
+    if deleted_file is not None:
+        deleted = frozenset(line.rstrip("\r") for line in deleted_file.read_text(encoding="utf-8").split("\n")
+                            if line.rstrip("\r"))
     options = BuildOptions(metric=metric, trees=trees, pca_dimension=pca_dimension, pca_whiten=pca_whiten,
-                           batch_size=batch_size, read_workers=read_workers, progress=not no_progress)
-    result = build_index(source, out, embedding, options)
+                           batch_size=batch_size, read_workers=read_workers, progress=not no_progress,
+                           incremental=incremental, deleted=deleted, shard_size=shard_size,
+                           fetch_timeout_s=fetch_timeout, fetch_retries=fetch_retries, fetch_workers=fetch_workers,
+                           fetch_per_host=per_host, allow_private_urls=not public_urls_only)
+    try:
+        result = build_index(source, out, embedding, options)
+    except SourceError as error:
+        raise click.ClickException(str(error)) from None
+    if result.reused or result.deleted or result.transient:
+        click.echo(f"{result.embedded} embedded, {result.reused} reused, {result.deleted} left out as deleted"
+                   + (f", {result.transient} downloads failed in a way that may pass: run the build again with "
+                      "--incremental to retry them" if result.transient else ""))
     click.echo(
         f"built {result.bundle} with {result.items} images in {result.seconds:.1f} s "
         f"({result.images_per_second:.1f} images/s); {result.rejected} rejected"
@@ -82,16 +127,69 @@ def index_build(source, out, feature, weights, metric, trees, pca_dimension, pca
     )
 
 
-def _embedding(embedder_target, feature, weights, parallel_batches):
+def _client_tls(ca, cert, key):
+    from cbir.client import ClientTls
+
+    try:
+        return ClientTls.from_settings(False, ca, cert, key)
+    except ValueError as error:
+        raise click.BadParameter(str(error), param_hint="--tls-cert/--tls-key") from None
+
+
+def _embedding(embedder_target, feature, weights, parallel_batches, tls=None):
     from cbir.ingest.embedding import LocalEmbedding, RemoteEmbedding
 
     if embedder_target:
-        return RemoteEmbedding(embedder_target, parallel_batches=parallel_batches)
+        return RemoteEmbedding(embedder_target, parallel_batches=parallel_batches, tls=tls)
     from services.embedder.embedder import Embedder
     from services.embedder.settings import EmbedderSettings
 
     settings = EmbedderSettings(feature=feature, weights=weights)
     return LocalEmbedding(Embedder.from_settings(settings), max_pixels=settings.max_pixels)
+
+
+def _build_default(name: str):
+    """The default of `cbir index build --<name>`, so that both build commands index alike."""
+    return next(param.default for param in index_build.params if param.name == name)
+
+
+@index.command("build-from-features")
+@click.argument("source", type=click.Path(exists=True, path_type=pathlib.Path))
+@click.option("--out", required=True, type=click.Path(path_type=pathlib.Path),
+              help="Bundle root: the build adds a version folder and points `current` at it.")
+@click.option("--ids", "ids_file", type=click.Path(exists=True, dir_okay=False, path_type=pathlib.Path),
+              help="For an .npy (or to override an .npz's ids): one id per line, or a CSV/JSONL table with an "
+                   "id column (id, item_id, ImageID) and optional url/path column; row i = vector i.")
+@click.option("--model-info", "model_spec", type=click.Path(exists=True, path_type=pathlib.Path),
+              help="The model that made the vectors: a bundle built with it, its manifest.json, or a ModelInfo "
+                   "JSON. Needed unless SOURCE is a bundle or an .npz with a 'model' entry.")
+@click.option("--metric", type=click.Choice(["angular", "euclidean", "manhattan"]), default=None,
+              help="[default: as `cbir index build`]")
+@click.option("--trees", type=click.IntRange(min=1), default=None, help="Annoy trees [default: as `cbir index build`].")
+@click.option("--pca", "pca_dimension", type=click.IntRange(min=0), default=None,
+              help="PCA dimension, 0 = off [default: as `cbir index build`].")
+@click.option("--pca-whiten/--no-pca-whiten", default=None, help="[default: as `cbir index build`]")
+def index_build_from_features(source, out, ids_file, model_spec, metric, trees, pca_dimension, pca_whiten):
+    """Write a new index bundle version under --out from stored vectors, without running the model.
+
+    SOURCE is a bundle (re-index it with other metric/trees/PCA), an .npz with `vectors` and `ids`
+    (optional `urls`, `model`), or an .npy of vectors with --ids (memory-mapped: large sets fit).
+    """
+    from cbir.ingest.from_features import FeaturesError, build_from_features
+    from cbir.logs import setup_logging
+
+    setup_logging()
+    try:
+        result = build_from_features(
+            source, out, ids=ids_file, model=model_spec,
+            metric=metric or _build_default("metric"),
+            trees=trees or _build_default("trees"),
+            pca_dimension=_build_default("pca_dimension") if pca_dimension is None else pca_dimension,
+            pca_whiten=_build_default("pca_whiten") if pca_whiten is None else pca_whiten,
+        )
+    except (FeaturesError, ValueError) as error:
+        raise click.ClickException(str(error)) from None
+    click.echo(f"built {result.bundle} with {result.items} vectors ({result.dimension}-d) in {result.seconds:.1f} s")
 
 
 @index.command("info")
@@ -105,6 +203,100 @@ def index_info(bundle):
         click.echo(json.dumps(opened.manifest.to_dict(), indent=2))
     finally:
         opened.close()
+
+
+def _ids_given(item_ids, ids_file) -> list[str]:
+    ids = list(item_ids)
+    if ids_file is not None:
+        ids += [line.rstrip("\r") for line in ids_file.read_text(encoding="utf-8").split("\n") if line.rstrip("\r")]
+    if not ids:
+        raise click.UsageError("give item ids as arguments or with --file")
+    return ids
+
+
+def _reload_indexer(target, tls, version: str = "", allow_model_change: bool = False):
+    """ReloadBundle on the indexer at `target`; ClickException with the indexer's reason on failure."""
+    import grpc
+
+    from cbir.client import open_channel
+    from cbir.v1 import indexer_pb2, indexer_pb2_grpc
+
+    with open_channel(target, tls=tls) as channel:
+        try:
+            return indexer_pb2_grpc.IndexerStub(channel).ReloadBundle(
+                indexer_pb2.ReloadBundleRequest(version=version, allow_model_change=allow_model_change), timeout=600
+            )
+        except grpc.RpcError as error:
+            raise click.ClickException(f"{error.code().name}: {error.details()}") from None
+
+
+def _indexer_options(function):
+    for option in reversed([
+        click.option("--indexer", "indexer_target", default=None,
+                     help="Also tell the indexer at this gRPC target to apply it now (else it sees it within "
+                          "CBIR_INDEXER_WATCH_SECONDS)."),
+        click.option("--tls-ca", type=click.Path(exists=True, dir_okay=False, path_type=pathlib.Path)),
+        click.option("--tls-cert", type=click.Path(exists=True, dir_okay=False, path_type=pathlib.Path)),
+        click.option("--tls-key", type=click.Path(exists=True, dir_okay=False, path_type=pathlib.Path)),
+    ]):
+        function = option(function)
+    return function
+
+
+@index.command("delete")
+@click.argument("root", type=click.Path(file_okay=False, path_type=pathlib.Path))
+@click.argument("item_ids", nargs=-1)
+@click.option("--file", "ids_file", type=click.Path(exists=True, dir_okay=False, path_type=pathlib.Path),
+              help="Item ids to delete, one per line.")
+@_indexer_options
+def index_delete(root, item_ids, ids_file, indexer_target, tls_ca, tls_cert, tls_key):
+    """Remove items: add their ids to ROOT/deleted.txt. Indexers serving ROOT leave them out of results
+    at once; the next `cbir index build` into ROOT leaves them out of the new version."""
+    from cbir.bundle import add_deleted, read_deleted
+
+    added = add_deleted(root, _ids_given(item_ids, ids_file))
+    click.echo(f"{added} ids added to {root / 'deleted.txt'} ({len(read_deleted(root))} listed)")
+    if indexer_target:
+        reply = _reload_indexer(indexer_target, _client_tls(tls_ca, tls_cert, tls_key))
+        click.echo(f"indexer {indexer_target}: serving {reply.bundle_version}, {reply.item_count} items, "
+                   f"{reply.deleted_items} deleted")
+
+
+@index.command("undelete")
+@click.argument("root", type=click.Path(exists=True, file_okay=False, path_type=pathlib.Path))
+@click.argument("item_ids", nargs=-1)
+@click.option("--file", "ids_file", type=click.Path(exists=True, dir_okay=False, path_type=pathlib.Path))
+@_indexer_options
+def index_undelete(root, item_ids, ids_file, indexer_target, tls_ca, tls_cert, tls_key):
+    """Take ids off ROOT/deleted.txt: served again if the live version has them, indexed by the next build."""
+    from cbir.bundle import remove_deleted
+
+    removed = remove_deleted(root, _ids_given(item_ids, ids_file))
+    click.echo(f"{removed} ids taken off {root / 'deleted.txt'}")
+    if indexer_target:
+        reply = _reload_indexer(indexer_target, _client_tls(tls_ca, tls_cert, tls_key))
+        click.echo(f"indexer {indexer_target}: serving {reply.bundle_version}, {reply.item_count} items")
+
+
+@index.command("reload")
+@click.option("--indexer", "indexer_target", default="127.0.0.1:50052", help="The indexer's gRPC target.")
+@click.option("--version", "version", default="", help="Version folder to serve [default: what `current` names].")
+@click.option("--allow-model-change", is_flag=True, help="Accept a bundle built with another model.")
+@click.option("--tls-ca", type=click.Path(exists=True, dir_okay=False, path_type=pathlib.Path))
+@click.option("--tls-cert", type=click.Path(exists=True, dir_okay=False, path_type=pathlib.Path))
+@click.option("--tls-key", type=click.Path(exists=True, dir_okay=False, path_type=pathlib.Path))
+def index_reload(indexer_target, version, allow_model_change, tls_ca, tls_cert, tls_key):
+    """Make an indexer serve a version now (checked and warmed first; the live one stays if it is broken)."""
+    reply = _reload_indexer(indexer_target, _client_tls(tls_ca, tls_cert, tls_key), version, allow_model_change)
+    what = f"switched from {reply.previous_version} to" if reply.reloaded else "already serving"
+    click.echo(f"indexer {indexer_target}: {what} {reply.bundle_version} ({reply.item_count} items, "
+               f"{reply.deleted_items} deleted{f', {reply.seconds:.2f} s' if reply.reloaded else ''})")
+
+
+# ---------------------------------------------------------------------------------------- eval
+from cbir.eval.cli import eval_ as _eval_group  # noqa: E402  (light: click only; commands import lazily)
+
+main.add_command(_eval_group)
 
 
 # ---------------------------------------------------------------------------------------- serve
@@ -188,20 +380,32 @@ def demo(photos, workdir, weights, rebuild, ui_port, gateway_port, embedder_port
 
 # ---------------------------------------------------------------------------------------- search
 @main.command()
-@click.argument("image", type=click.Path(exists=True, dir_okay=False, path_type=pathlib.Path))
+@click.argument("image")
 @click.option("--k", type=click.IntRange(min=1), default=10, help="Number of results.")
 @click.option("--gateway", default="127.0.0.1:50050", envvar="CBIR_GATEWAY_TARGET", help="Gateway gRPC target.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-def search(image, k, gateway, as_json):
-    """Search the index for images similar to IMAGE, through the gateway."""
+@click.option("--tls-ca", type=click.Path(exists=True, dir_okay=False, path_type=pathlib.Path),
+              help="PEM CA file of the gateway's TLS certificate (TLS on).")
+@click.option("--tls-cert", type=click.Path(exists=True, dir_okay=False, path_type=pathlib.Path),
+              help="Client certificate for mutual TLS.")
+@click.option("--tls-key", type=click.Path(exists=True, dir_okay=False, path_type=pathlib.Path),
+              help="Key of --tls-cert.")
+def search(image, k, gateway, as_json, tls_ca=None, tls_cert=None, tls_key=None):
+    """Search the index for images similar to IMAGE (a file, or an http(s) URL the gateway downloads)."""
     import grpc
     from google.protobuf.json_format import MessageToDict
 
     from cbir.client import GatewayClient
 
-    with GatewayClient(gateway) as client:
+    is_url = image.lower().startswith(("http://", "https://"))
+    if not is_url and not pathlib.Path(image).is_file():
+        raise click.BadParameter(f"{image!r} is neither a file nor an http(s) URL", param_hint="IMAGE")
+    with GatewayClient(gateway, tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key) as client:
         try:
-            response = client.search_image(image.read_bytes(), k=k)
+            if is_url:
+                response = client.search_url(image, k=k)
+            else:
+                response = client.search_image(pathlib.Path(image).read_bytes(), k=k)
         except grpc.RpcError as error:
             raise click.ClickException(f"{error.code().name}: {error.details()}") from None
     if as_json:
@@ -213,6 +417,28 @@ def search(image, k, gateway, as_json):
     timings = response.timings
     click.echo(f"bundle {response.bundle_version}: embed {timings.embed_ms:.0f} ms, "
                f"index {timings.index_ms:.1f} ms, total {timings.total_ms:.0f} ms")
+
+
+# ---------------------------------------------------------------------------------------- health
+@main.command()
+@click.argument("target")
+@click.option("--service", default="", help="gRPC service name to ask about ('' = the whole server).")
+@click.option("--timeout", "timeout_s", type=click.FloatRange(min=0, min_open=True), default=3.0,
+              help="Seconds to wait for the answer.")
+@click.option("--quiet", "-q", is_flag=True, help="No output, only the exit status.")
+def health(target, service, timeout_s, quiet):
+    """Exit 0 if the service at TARGET is healthy, else 1 (what the containers' health checks run).
+
+    TARGET is a gRPC target (127.0.0.1:50051, dns:///embedder:50051), asked through the gRPC health
+    protocol (healthy = SERVING, i.e. model or bundle loaded), or an http(s) URL such as the UI's
+    http://127.0.0.1:7860/ (healthy = HTTP 200).
+    """
+    from cbir.healthcheck import check
+
+    result = check(target, service=service, timeout_s=timeout_s)
+    if not quiet:
+        click.echo(str(result), err=not result.healthy)
+    sys.exit(0 if result.healthy else 1)
 
 
 if __name__ == "__main__":

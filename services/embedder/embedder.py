@@ -35,7 +35,8 @@ log = logging.getLogger(__name__)
 SERVICE = "embedder"  # the `service` label of cbir_stage_seconds
 
 
-def model_info(*, feature: str, weights: Weights, gem_p: float) -> common_pb2.ModelInfo:
+def model_info(*, feature: str, weights: Weights, gem_p: float, pooling: str = "gem",
+               scales: tuple[float, ...] = (1.0,)) -> common_pb2.ModelInfo:
     """The ModelInfo of VGG-16 with these weights; `fingerprint` hashes everything that shapes the vectors.
 
     The fingerprint covers name, feature, dimension, weights fingerprint, preprocessing and
@@ -48,7 +49,7 @@ def model_info(*, feature: str, weights: Weights, gem_p: float) -> common_pb2.Mo
         dimension=DIMENSIONS[feature],
         weights_fingerprint=weights.fingerprint,
         preprocessing=weights.preprocessing,
-        pooling=pooling_name(feature, gem_p),
+        pooling=pooling_name(feature, gem_p, pooling, scales),
     )
     digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
     return common_pb2.ModelInfo(
@@ -79,17 +80,24 @@ class Embedder:
         apply_weights(base, weights)
         if settings.feature == "gem" and weights.include_top:
             base = conv_only(base)
-        model = feature_model(base, feature=settings.feature, preprocessing=weights.preprocessing, gem_p=settings.gem_p)
-        info = model_info(feature=settings.feature, weights=weights, gem_p=settings.gem_p)
+        model = feature_model(base, feature=settings.feature, preprocessing=weights.preprocessing, gem_p=settings.gem_p,
+                              pooling=settings.pooling, scales=settings.scales)
+        info = model_info(feature=settings.feature, weights=weights, gem_p=settings.gem_p,
+                          pooling=settings.pooling, scales=settings.scales)
         log.info(
             "model ready: vgg16 %s, %d-d, %s preprocessing%s, fingerprint %s",
             info.feature, info.dimension, info.preprocessing,
             f", {info.pooling} pooling" if info.pooling else "", info.fingerprint,
         )
-        return cls(
+        embedder = cls(
             base=base, model=model, info=info, preprocessing=weights.preprocessing,
             max_batch=settings.max_batch, max_pixels=settings.max_pixels, max_image_bytes=settings.max_image_bytes,
         )
+        if getattr(settings, "backend", "keras") == "onnx":
+            from services.embedder.onnx_backend import use_onnx
+
+            use_onnx(embedder)  # same vectors (checked), same fingerprint
+        return embedder
 
     @property
     def dimension(self) -> int:

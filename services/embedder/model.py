@@ -86,25 +86,71 @@ def build_vgg16(include_top: bool) -> keras.Model:
     return keras.applications.VGG16(include_top=include_top, weights=None, input_shape=INPUT_SHAPE)
 
 
-def pooling_name(feature: str, gem_p: float) -> str:
-    return f"gem(p={gem_p:g})" if feature == "gem" else ""
+POOLINGS = ("gem", "mac", "avg")
 
 
-def feature_model(base: keras.Model, *, feature: str, preprocessing: str, gem_p: float = 3.0) -> keras.Model:
+def pooling_name(feature: str, gem_p: float, pooling: str = "gem", scales: tuple[float, ...] = (1.0,)) -> str:
+    """ModelInfo.pooling (part of the model fingerprint): "gem(p=3)", "mac", "avg", plus ";scales=1,1.414"
+    for a multi-scale model; "" for fc1. Single-scale GeM keeps its original name (existing bundles stay valid)."""
+    if feature != "gem":
+        return ""
+    name = f"gem(p={gem_p:g})" if pooling == "gem" else pooling
+    if tuple(scales) != (1.0,):
+        name += ";scales=" + ",".join(f"{scale:g}" for scale in scales)
+    return name
+
+
+def _pool(x, pooling: str, gem_p: float, suffix: str = ""):
+    if pooling == "gem":
+        return GeMPooling(gem_p, name=f"gem{suffix}")(x)
+    if pooling == "mac":
+        return keras.layers.GlobalMaxPooling2D(name=f"mac{suffix}")(x)
+    if pooling == "avg":
+        return keras.layers.GlobalAveragePooling2D(name=f"avg{suffix}")(x)
+    raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}, not {pooling!r}")
+
+
+def feature_model(base: keras.Model, *, feature: str, preprocessing: str, gem_p: float = 3.0,
+                  pooling: str = "gem", scales: tuple[float, ...] = (1.0,)) -> keras.Model:
     """(N, 224, 224, 3) uint8 RGB -> (N, D) float32 features, using the layers (and weights) of `base`.
 
-    gem: GeM pooling of block5_conv3's ReLU output, L2-normalised, 512-d.
+    gem: block5_conv3's ReLU output pooled over height and width (`pooling`: GeM with exponent
+    `gem_p`, MAC = max, or average), L2-normalised, 512-d. With several `scales` the preprocessed
+    image is also resized to 224 * scale (bilinear, antialiased when shrinking), each scale's
+    pooled vector is L2-normalised, and their mean is L2-normalised again (multi-scale query).
     fc1: the output of layer fc1 (after its ReLU), 4096-d; `base` must include the top.
     """
     if feature not in DIMENSIONS:
         raise ValueError(f"feature must be one of {sorted(DIMENSIONS)}, not {feature!r}")
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}, not {pooling!r}")
+    scales = tuple(float(scale) for scale in scales)
+    if feature == "fc1" and (pooling != "gem" or scales != (1.0,)):
+        raise ValueError("feature fc1 has no pooling and no multi-scale option")
     layer = "block5_conv3" if feature == "gem" else "fc1"
     trunk = keras.Model(base.inputs, base.get_layer(layer).output, name=f"vgg16_to_{layer}")
     pixels = keras.Input(shape=INPUT_SHAPE, dtype="uint8", name="pixels")
-    x = trunk(Preprocess(preprocessing, name=f"preprocess_{preprocessing}")(pixels))
-    if feature == "gem":
-        x = L2Normalize(name="l2_normalize")(GeMPooling(gem_p, name="gem")(x))
-    return keras.Model(pixels, x, name=f"vgg16_{feature}")
+    prepared = Preprocess(preprocessing, name=f"preprocess_{preprocessing}")(pixels)
+    if feature == "fc1":
+        return keras.Model(pixels, trunk(prepared), name="vgg16_fc1")
+    if scales == (1.0,):  # the original single-scale graph, layer for layer
+        x = L2Normalize(name="l2_normalize")(_pool(trunk(prepared), pooling, gem_p))
+        return keras.Model(pixels, x, name=f"vgg16_{feature}")
+    # Multi-scale: the conv layers (shared weights) applied to each resized input. They accept any
+    # height and width; the fixed-size `trunk` model does not, so its layers are called one by one.
+    conv_layers = [candidate for candidate in trunk.layers if not isinstance(candidate, keras.layers.InputLayer)]
+    vectors = []
+    for index, scale in enumerate(scales):
+        x = prepared
+        if scale != 1.0:
+            side = int(round(INPUT_SHAPE[0] * scale))
+            x = keras.layers.Resizing(side, side, interpolation="bilinear", antialias=scale < 1.0,
+                                      name=f"resize_{index}")(x)
+        for conv_layer in conv_layers:
+            x = conv_layer(x)
+        vectors.append(L2Normalize(name=f"l2_normalize_{index}")(_pool(x, pooling, gem_p, suffix=f"_{index}")))
+    x = L2Normalize(name="l2_normalize")(keras.layers.Average(name="scale_mean")(vectors))
+    return keras.Model(pixels, x, name=f"vgg16_{feature}_multiscale")
 
 
 def compile_inference(model: keras.Model):

@@ -66,17 +66,19 @@ class EmbedderServicer(embedder_pb2_grpc.EmbedderServicer):
         results = [embedder_pb2.EmbedResult() for _ in range(count)]
         good: list[int] = []
         pixels: list[np.ndarray] = []
-        for index, data in enumerate(request.images):
-            try:
-                pixels.append(embedder.decode(data))
-                good.append(index)
-            except BadImage as error:
-                results[index].error = str(error)
-                log.debug("image %d of %d refused: %s", index, count, error)
-        if pixels:
-            vectors = batcher.embed(np.stack(pixels))
-            for index, vector in zip(good, vectors):
-                results[index].vector.CopyFrom(to_proto(vector))
+        vectors = []
+        with batcher.arriving() as arrival:  # a batch being gathered waits for this request's images
+            for index, data in enumerate(request.images):
+                try:
+                    pixels.append(embedder.decode(data))
+                    good.append(index)
+                except BadImage as error:
+                    results[index].error = str(error)
+                    log.debug("image %d of %d refused: %s", index, count, error)
+            if pixels:
+                vectors = batcher.embed(np.stack(pixels), arrival=arrival)
+        for index, vector in zip(good, vectors):
+            results[index].vector.CopyFrom(to_proto(vector))
         return embedder_pb2.EmbedResponse(results=results, model_fingerprint=embedder.info.fingerprint)
 
     def GetModelInfo(self, request, context) -> embedder_pb2.GetModelInfoResponse:

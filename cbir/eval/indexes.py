@@ -1,0 +1,94 @@
+"""Index variants for the evaluation: real bundles (`cbir.bundle.write_bundle`: PCA, Annoy, item
+table) in a scratch folder, opened and searched with the indexer's `SearchIndex`, plus the recall
+of the index against exact search over the same vectors."""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+import time
+from typing import Iterable
+
+import numpy as np
+
+from cbir.eval import metrics
+
+
+@dataclasses.dataclass(frozen=True)
+class IndexSpec:
+    """How the bundle is built: `cbir index build --metric --trees --pca [--pca-whiten]`."""
+
+    metric: str = "angular"
+    trees: int = 30
+    pca: int = 0
+    whiten: bool = False
+
+    @property
+    def label(self) -> str:
+        pca = f", pca {self.pca}{' whitened' if self.whiten else ''}" if self.pca else ""
+        return f"{self.metric}, {self.trees} trees{pca}"
+
+
+class BuiltIndex:
+    """A real bundle written to a scratch folder and opened with the indexer's SearchIndex."""
+
+    def __init__(self, root: pathlib.Path, ids: list[str], vectors: np.ndarray, model_info, spec: IndexSpec):
+        from cbir.bundle import open_bundle, write_bundle
+        from services.indexer.index import SearchIndex
+
+        self.spec = spec
+        self.root = root
+        started = time.perf_counter()
+        self.version_path = write_bundle(
+            root, ids=ids, urls=[f"eval:{i}" for i in ids], vectors=vectors, model=model_info,
+            metric=spec.metric, trees=spec.trees, pca_dimension=spec.pca, pca_whiten=spec.whiten, source="cbir eval",
+        )
+        self.build_seconds = time.perf_counter() - started
+        self.bundle = open_bundle(root)  # checks the bundle as the indexer does
+        self.index = SearchIndex(self.bundle, max_k=max(1000, len(ids)))
+        self.item_count = len(ids)
+        self.row_of = {item_id: row for row, item_id in enumerate(ids)}
+        manifest = self.bundle.manifest
+        self.index_bytes = manifest.files["index.ann"].bytes
+        self.default_search_k = manifest.default_search_k
+
+    def search(self, vectors: np.ndarray, k: int, search_k: int = 0) -> tuple[list[list[str]], list[float]]:
+        """Ranked item ids per query vector (through PCA and Annoy, as the indexer does) and seconds per query."""
+        ranked, seconds = [], []
+        k = min(k, self.item_count)
+        for vector in vectors:
+            started = time.perf_counter()
+            hits = self.index.query_vector(vector, k=k, search_k=search_k)
+            seconds.append(time.perf_counter() - started)
+            ranked.append([hit.item_id for hit in hits])
+        return ranked, seconds
+
+    def effective_search_k(self, k: int, search_k: int) -> int:
+        """The candidates Annoy inspects for this k and search_k (0 = the bundle default), as the indexer decides."""
+        return int(self.index._search_k(min(k, self.item_count), search_k))
+
+    def close(self) -> None:
+        self.index.close(timeout=5)
+
+
+def ann_recall_rows(built: BuiltIndex, queries: np.ndarray, *, k: int, search_ks: Iterable[int]) -> list[dict]:
+    """Recall@k of the index against exact search over the same (projected) vectors, and the
+    latency of a query (PCA + Annoy + item lookup, as in the indexer), for each search effort."""
+    bundle = built.bundle
+    base = bundle.project(np.asarray(bundle.features()))
+    projected = bundle.project(np.asarray(queries, dtype=np.float32))
+    k = min(k, built.item_count)
+    exact = metrics.exact_neighbours(base, projected, bundle.metric, k)
+    rows = []
+    for search_k in search_ks:
+        ranked, seconds = built.search(queries, k, search_k)
+        found = [[built.row_of[item_id] for item_id in ranking] for ranking in ranked]
+        rows.append({
+            "search_k": int(search_k), "effective_search_k": built.effective_search_k(k, search_k),
+            "is_default": search_k == 0, "k": k, "queries": len(queries),
+            "ann_recall": metrics.ann_recall(found, exact),
+            "p50_ms": metrics.percentile_ms(seconds, 50), "p95_ms": metrics.percentile_ms(seconds, 95),
+        })
+    return rows
+
+

@@ -1,0 +1,253 @@
+"""The two evaluation protocols, run through the real pipeline.
+
+Vectors come from the embedder's own code (`services.embedder.Embedder` in this process, or the
+embedder service with `--embedder TARGET`), the index is a real bundle written by
+`cbir.bundle.write_bundle` (PCA, Annoy, item table) and searched with the indexer's
+`services.indexer.index.SearchIndex`, so the numbers are what users of that configuration get.
+
+- **labelled groups** (UKBench-style): a folder with one sub-folder per group (`group/xxx.jpg`),
+  or a CSV/JSONL manifest with a group column. Every image queries the rest of the collection.
+  A collection without groups (the demo photos) can be given groups made of each image and
+  seeded edits of it (`groups_from_edits`).
+- **copy detection** (Copydays-style): queries are seeded edits (`cbir.eval.edits`) of the
+  collection's images, never indexed themselves; the original is the one relevant hit. The
+  collection may be padded with distractor images.
+
+Bad input does not stop a run: unreadable images are reported (`rejects`) and left out, groups
+left with one image become distractors (indexed, never queried), with a warning that says so.
+Each image is embedded once per model; `VectorCache` keeps vectors on disk between runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+import tempfile
+from typing import Sequence
+
+import numpy as np
+
+from cbir.errors import BadImage
+from cbir.eval import edits as edits_module
+from cbir.eval import metrics
+from cbir.eval.embedding import Job
+from cbir.eval.indexes import BuiltIndex
+from cbir.ingest.fetch import read_bytes
+from cbir.ingest.sources import SourceError, SourceItem, list_source
+
+MAX_IMAGE_BYTES = 32 * 1024 * 1024
+EDIT_SEPARATOR = "#"
+DISTRACTOR_PREFIX = "distractor:"
+
+
+class EvalError(ValueError):
+    """The evaluation cannot run at all (nothing to evaluate); the message says what to fix."""
+
+
+# ------------------------------------------------------------------------------------- collections
+
+
+def list_collection(source: str | pathlib.Path) -> list[SourceItem]:
+    """The items of a folder or manifest; EvalError when there are none."""
+    try:
+        items = list_source(source)
+    except SourceError as error:
+        raise EvalError(str(error)) from None
+    if not items:
+        kind = "folder" if pathlib.Path(source).is_dir() else "manifest"
+        raise EvalError(f"{source}: the {kind} lists no images; nothing to evaluate")
+    return items
+
+
+def file_job(item: SourceItem, key: str | None = None) -> Job:
+    return Job(key or item.item_id, lambda: read_bytes(item, max_bytes=MAX_IMAGE_BYTES))
+
+
+def edit_job(item: SourceItem, edit: str, seed: int, params: dict[str, dict]) -> Job:
+    """The job of one edited query; the drawn edit parameters land in `params[key]`."""
+    key = f"{item.item_id}{EDIT_SEPARATOR}{edit}"
+
+    def load() -> bytes:
+        original = read_bytes(item, max_bytes=MAX_IMAGE_BYTES)
+        try:
+            result = edits_module.edited_bytes(original, edit, seed=seed, key=item.item_id)
+        except (OSError, ValueError, SyntaxError) as error:  # what Pillow raises on bad data
+            raise BadImage(f"cannot make the {edit} edit: {type(error).__name__}: {error}") from None
+        params[key] = result.params
+        return result.data
+
+    return Job(key, load)
+
+
+def sample(items: list[SourceItem], count: int | None, seed: int) -> list[SourceItem]:
+    """A seeded sample of `count` items (all when None or >= len), in the original order."""
+    if not count or count >= len(items):
+        return items
+    chosen = np.random.default_rng(seed).choice(len(items), size=count, replace=False)
+    return [items[i] for i in sorted(chosen)]
+
+
+@dataclasses.dataclass
+class Groups:
+    """A labelled-groups collection: every indexed key, and the group of each (None: distractor)."""
+
+    keys: list[str]
+    group_of: dict[str, str | None]
+    jobs: list[Job]
+    warnings: list[str] = dataclasses.field(default_factory=list)
+
+
+def groups_from_source(source: str | pathlib.Path, group_column: str = "group") -> Groups:
+    """Folder: the group of `a/b/x.jpg` is `a/b` (images at the top level have none). Manifest: the
+    `group_column` column (rows without one have none). Images without a group are distractors."""
+    items = list_collection(source)
+    is_folder = pathlib.Path(source).is_dir()
+    group_of: dict[str, str | None] = {}
+    for item in items:
+        if is_folder:
+            parent = item.item_id.rpartition("/")[0]
+            group_of[item.item_id] = parent or None
+        else:
+            group_of[item.item_id] = item.metadata.get(group_column) or None
+    warnings = []
+    ungrouped = sum(1 for g in group_of.values() if g is None)
+    if ungrouped:
+        where = ("at the top level of the folder (put each group in its own sub-folder)" if is_folder
+                 else f"without a value in column {group_column!r}")
+        warnings.append(f"{ungrouped} of {len(items)} images are {where}: they are indexed as distractors, "
+                        f"never queried")
+    return Groups([item.item_id for item in items], group_of, [file_job(item) for item in items], warnings)
+
+
+def groups_from_edits(items: list[SourceItem], size: int, edits: Sequence[str], seed: int,
+                      params: dict[str, dict] | None = None) -> Groups:
+    """Groups for a collection that has none: each image plus `size - 1` seeded edits of it (drawn
+    from `edits` without repeats). The edited images are the copy-detection queries of the same
+    seed, so one embedding serves both protocols."""
+    if size < 2:
+        raise EvalError(f"a group needs at least 2 images, got size {size}")
+    if size - 1 > len(edits):
+        raise EvalError(f"groups of {size} need {size - 1} different edits, only {len(edits)} chosen")
+    params = {} if params is None else params
+    keys, group_of, jobs = [], {}, []
+    for item in items:
+        rng = edits_module.edit_rng(seed, item.item_id, "groups")
+        chosen = sorted(rng.choice(len(edits), size=size - 1, replace=False))
+        keys.append(item.item_id)
+        group_of[item.item_id] = item.item_id
+        jobs.append(file_job(item))
+        for index in chosen:
+            job = edit_job(item, edits[index], seed, params)
+            keys.append(job.key)
+            group_of[job.key] = item.item_id
+            jobs.append(job)
+    return Groups(keys, group_of, jobs)
+
+
+def effective_groups(groups: Groups, embedded: set[str]) -> tuple[dict[str, list[str]], list[str]]:
+    """The groups with 2+ embedded images (group -> keys) and warnings about the rest."""
+    members: dict[str, list[str]] = {}
+    for key in groups.keys:
+        group = groups.group_of.get(key)
+        if group is not None and key in embedded:
+            members.setdefault(group, []).append(key)
+    single = sorted(g for g, keys in members.items() if len(keys) == 1)
+    warnings = []
+    if single:
+        shown = ", ".join(repr(g) for g in single[:5]) + (f" and {len(single) - 5} more" if len(single) > 5 else "")
+        warnings.append(f"{len(single)} groups have a single usable image ({shown}): nothing can be found for "
+                        f"them, so they are indexed as distractors, never queried")
+    return {g: keys for g, keys in members.items() if len(keys) > 1}, warnings
+
+
+# ------------------------------------------------------------------------------------- protocols
+
+
+def evaluate_groups(built: BuiltIndex, vectors: dict[str, np.ndarray], members: dict[str, list[str]],
+                    *, depth: int = 100, search_k: int = 0) -> dict:
+    """Every grouped image queries the index (itself left out of its ranking)."""
+    queries = [(group, key) for group, keys in members.items() for key in keys]
+    if not queries:
+        raise EvalError("no group has two or more usable images: nothing to evaluate")
+    ranked, seconds = built.search(np.stack([vectors[key] for _, key in queries]), depth + 1, search_k)
+    rows = []
+    for (group, key), ranking in zip(queries, ranked):
+        rest = [item for item in ranking if item != key][:depth]
+        mates = set(members[group]) - {key}
+        rows.append({
+            "query": key, "group": group, "ap": metrics.average_precision(rest, mates),
+            "r1": metrics.recall_at(rest, mates, 1), "r5": metrics.recall_at(rest, mates, 5),
+            "r10": metrics.recall_at(rest, mates, 10), "ns": metrics.ns_score(rest, mates),
+            "first_rank": metrics.first_rank(rest, mates),
+        })
+    return {
+        "queries": len(rows), "groups": len(members),
+        "map": metrics.mean(r["ap"] for r in rows), "map_stderr": metrics.stderr(r["ap"] for r in rows),
+        "recall@1": metrics.mean(r["r1"] for r in rows), "recall@5": metrics.mean(r["r5"] for r in rows),
+        "recall@10": metrics.mean(r["r10"] for r in rows), "ns": metrics.mean(r["ns"] for r in rows),
+        "ns_max": metrics.mean(min(4, len(members[r["group"]])) for r in rows),
+        "query_p50_ms": metrics.percentile_ms(seconds, 50),
+        "per_query": rows,
+    }
+
+
+def evaluate_copies(built: BuiltIndex, vectors: dict[str, np.ndarray], queries: list[tuple[str, str, str]],
+                    *, depth: int = 100, search_k: int = 0) -> dict:
+    """`queries`: (query key, original's key, edit). The original is the one relevant hit."""
+    if not queries:
+        raise EvalError("no copy-detection queries could be made: nothing to evaluate")
+    ranked, seconds = built.search(np.stack([vectors[key] for key, _, _ in queries]), depth, search_k)
+    rows = []
+    for (key, original, edit), ranking in zip(queries, ranked):
+        rank = metrics.first_rank(ranking, {original})
+        rows.append({"query": key, "original": original, "edit": edit, "rank": rank,
+                     "ap": metrics.average_precision(ranking, {original}),
+                     "r1": float(rank == 1), "r10": float(rank is not None and rank <= 10)})
+
+    def summary(selected: list[dict]) -> dict:
+        return {"queries": len(selected), "recall@1": metrics.mean(r["r1"] for r in selected),
+                "recall@10": metrics.mean(r["r10"] for r in selected), "map": metrics.mean(r["ap"] for r in selected)}
+
+    per_edit = {}
+    for row in rows:
+        per_edit.setdefault(row["edit"], []).append(row)
+    order = [e for e in edits_module.EDIT_NAMES if e in per_edit]
+    return {
+        **summary(rows),
+        "map_stderr": metrics.stderr(r["ap"] for r in rows),
+        "per_edit": {edit: summary(per_edit[edit]) for edit in order},
+        "query_p50_ms": metrics.percentile_ms(seconds, 50),
+        "per_query": rows,
+    }
+
+
+def copy_queries(items: list[SourceItem], edits: Sequence[str], seed: int,
+                 params: dict[str, dict]) -> tuple[list[Job], list[tuple[str, str, str]]]:
+    jobs, queries = [], []
+    for item in items:
+        for edit in edits:
+            job = edit_job(item, edit, seed, params)
+            jobs.append(job)
+            queries.append((job.key, item.item_id, edit))
+    return jobs, queries
+
+
+def scratch_dir(prefix: str = "cbir-eval-") -> tempfile.TemporaryDirectory:
+    return tempfile.TemporaryDirectory(prefix=prefix)
+
+
+def to_json(data, path: pathlib.Path) -> None:
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False, default=_json_default) + "\n", encoding="utf-8")
+
+
+def _json_default(value):
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, pathlib.Path):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
