@@ -12,11 +12,8 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-
+from cbir import healthcheck
 from cbir.logs import setup_logging
 
 log = logging.getLogger("cbir.demo")
@@ -128,10 +125,13 @@ def ensure_demo_bundle(photos: pathlib.Path, bundle: pathlib.Path, weights: str,
 
 
 def _current_manifest(bundle: pathlib.Path) -> dict | None:
+    from cbir.bundle import MANIFEST_FILE, read_current
+    from cbir.errors import BundleError
+
     try:
-        version = (bundle / "current").read_text().strip()
-        return json.loads((bundle / version / "manifest.json").read_text())
-    except (OSError, ValueError):
+        version = read_current(bundle)
+        return json.loads((bundle / version / MANIFEST_FILE).read_text()) if version else None
+    except (OSError, ValueError, BundleError):  # no usable bundle: build one
         return None
 
 
@@ -162,17 +162,10 @@ def wait_until_ready(service: Service, timeout_s: float, stopping) -> None:
 
 def _ready(service: Service) -> bool:
     if service.grpc_port is not None:
-        with grpc.insecure_channel(f"127.0.0.1:{service.grpc_port}") as channel:
-            try:
-                reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1)
-                return reply.status == health_pb2.HealthCheckResponse.SERVING
-            except grpc.RpcError:
-                return False
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{service.http_port}/", timeout=1) as response:
-            return response.status == 200
-    except OSError:
-        return False
+        target = f"127.0.0.1:{service.grpc_port}"
+    else:
+        target = f"http://127.0.0.1:{service.http_port}/"
+    return healthcheck.check(target, timeout_s=1).healthy
 
 
 def stop_all(services: list[Service], grace_s: float = 10.0) -> None:
