@@ -45,14 +45,23 @@ STAGE_SECONDS = prometheus_client.Histogram(
 )
 
 
+class Stopwatch:
+    """What `stage` yields: `seconds` holds the block's duration once it has ended."""
+
+    seconds: float = 0.0
+
+
 @contextlib.contextmanager
 def stage(service: str, name: str):
-    """Time a block into `cbir_stage_seconds{service, stage}`."""
+    """Time a block into `cbir_stage_seconds{service, stage}`; `with stage(...) as watch:` then
+    `watch.seconds` gives the same duration to callers that report it too."""
+    watch = Stopwatch()
     start = time.perf_counter()
     try:
-        yield
+        yield watch
     finally:
-        STAGE_SECONDS.labels(service, name).observe(time.perf_counter() - start)
+        watch.seconds = time.perf_counter() - start
+        STAGE_SECONDS.labels(service, name).observe(watch.seconds)
 
 
 def start_metrics_server(port: int, host: str) -> tuple[object, int]:

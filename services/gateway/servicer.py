@@ -94,15 +94,14 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         if not request.url:
             raise InvalidRequest("url is empty: give the http(s) URL of an image")
         k = self._k(request.k)
-        with metrics.stage("gateway", "fetch"):
+        with metrics.stage("gateway", "fetch") as fetch:
             fetched = self.urls.fetch(request.url, deadline=deadline)
-        fetch_s = time.perf_counter() - start
         found, embed_s, index_s = self._search_image(fetched.data, k, request.search_k, context, deadline)
         return gateway_pb2.SearchByUrlResponse(
             hits=found.hits,
             bundle_version=found.bundle_version,
             timings=gateway_pb2.Timings(
-                fetch_ms=_ms(fetch_s), embed_ms=_ms(embed_s), index_ms=_ms(index_s),
+                fetch_ms=_ms(fetch.seconds), embed_ms=_ms(embed_s), index_ms=_ms(index_s),
                 total_ms=_ms(time.perf_counter() - start),
             ),
             image_bytes=len(fetched.data),
@@ -111,15 +110,12 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
 
     def _search_image(self, image: bytes, k: int, search_k: int, context, deadline: float):
         """Embed `image`, then ask the indexer: (QueryVectorResponse, embed seconds, index seconds)."""
-        with metrics.stage("gateway", "embed"):
-            embed_start = time.perf_counter()
+        with metrics.stage("gateway", "embed") as embed:
             vector, fingerprint = self.embedder.embed(
                 image, timeout_s=self.settings.embed_timeout_s, context=context, deadline=deadline
             )
-            embed_s = time.perf_counter() - embed_start
 
-        with metrics.stage("gateway", "index"):
-            index_start = time.perf_counter()
+        with metrics.stage("gateway", "index") as index:
             found = self.indexer.query_vector(
                 indexer_pb2.QueryVectorRequest(
                     vector=vector, k=k, search_k=search_k, model_fingerprint=fingerprint
@@ -128,8 +124,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 context=context,
                 deadline=deadline,
             )
-            index_s = time.perf_counter() - index_start
-        return found, embed_s, index_s
+        return found, embed.seconds, index.seconds
 
     def SearchById(self, request: gateway_pb2.SearchByIdRequest, context) -> gateway_pb2.SearchByIdResponse:
         start = time.perf_counter()
@@ -137,8 +132,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             raise InvalidRequest("item_id is empty: give the id of an indexed image")
         k = self._k(request.k)
 
-        with metrics.stage("gateway", "index"):
-            index_start = time.perf_counter()
+        with metrics.stage("gateway", "index") as index:
             found = self.indexer.query_item(
                 indexer_pb2.QueryItemRequest(
                     item_id=request.item_id, k=k, search_k=request.search_k, exclude_self=request.exclude_self
@@ -147,12 +141,11 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 context=context,
                 deadline=self._deadline(),
             )
-            index_s = time.perf_counter() - index_start
 
         return gateway_pb2.SearchByIdResponse(
             hits=found.hits,
             bundle_version=found.bundle_version,
-            timings=gateway_pb2.Timings(index_ms=_ms(index_s), total_ms=_ms(time.perf_counter() - start)),
+            timings=gateway_pb2.Timings(index_ms=_ms(index.seconds), total_ms=_ms(time.perf_counter() - start)),
         )
 
     def GetStatus(self, request: gateway_pb2.GetStatusRequest, context) -> gateway_pb2.GetStatusResponse:
