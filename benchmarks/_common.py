@@ -131,23 +131,10 @@ def mib(n: float) -> str:
 
 def wait_serving(target: str, timeout_s: float = 600.0, proc: subprocess.Popen | None = None) -> float:
     """Block until the gRPC health check at `target` says SERVING; returns the seconds waited."""
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from cbir.health import wait_until_serving
 
-    start = time.perf_counter()
-    with grpc.insecure_channel(target) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while time.perf_counter() - start < timeout_s:
-            if proc is not None and proc.poll() is not None:
-                raise RuntimeError(f"the service at {target} exited with status {proc.returncode}")
-            try:
-                status = stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status
-                if status == health_pb2.HealthCheckResponse.SERVING:
-                    return time.perf_counter() - start
-            except grpc.RpcError:
-                pass
-            time.sleep(0.02)
-    raise TimeoutError(f"{target} was not SERVING after {timeout_s:.0f} s")
+    return wait_until_serving(target, timeout_s=timeout_s, interval_s=0.02,
+                              still_starting=lambda: proc is None or proc.poll() is None)
 
 
 @contextlib.contextmanager

@@ -33,7 +33,6 @@ import random
 import shutil
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import threading
@@ -43,14 +42,14 @@ from typing import Callable
 
 import grpc
 import numpy as np
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from cbir.bundle import INDEX_FILE, open_bundle, read_current, set_current, write_bundle  # noqa: E402
 from cbir.client import GatewayClient  # noqa: E402
-from cbir.v1 import common_pb2, indexer_pb2, indexer_pb2_grpc  # noqa: E402
+from cbir.health import wait_until_serving  # noqa: E402
+from cbir.v1 import indexer_pb2, indexer_pb2_grpc  # noqa: E402
 
 DEMO = REPO / "demo" / "photos"
 
@@ -204,17 +203,8 @@ def items_lost(gateway: str, expected_ids: list[str]) -> list[str]:
 
 def wait_serving(target: str, timeout_s: float = 300.0) -> float:
     """Block until grpc.health.v1 says SERVING; returns when (time.monotonic())."""
-    deadline = time.monotonic() + timeout_s
-    with grpc.insecure_channel(target) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
-            try:
-                if stub.Check(health_pb2.HealthCheckRequest(), timeout=2).status == health_pb2.HealthCheckResponse.SERVING:
-                    return time.monotonic()
-            except grpc.RpcError:
-                pass
-            time.sleep(0.05)
-    raise TimeoutError(f"{target} did not report SERVING within {timeout_s} s")
+    wait_until_serving(target, timeout_s=timeout_s, interval_s=0.05)
+    return time.monotonic()
 
 
 def free_port() -> int:
@@ -503,7 +493,7 @@ def ensure_bundle(workdir: pathlib.Path, photos: pathlib.Path = DEMO, count: int
             shutil.copy(path, source / path.name)
         env = {k: v for k, v in os.environ.items() if not k.startswith("CBIR_")}
         env["CBIR_EMBEDDER_RANDOM_SEED"] = "7"
-        subprocess.run([sys.executable, "-m", "cbir", "index", "build", str(source), "--out", str(master),
+        subprocess.run([sys.executable, "-m", "apps", "index", "build", str(source), "--out", str(master),
                         "--weights", "random", "--no-progress", "--trees", "10"], cwd=REPO, env=env, check=True)
     return master
 

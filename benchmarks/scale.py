@@ -38,9 +38,9 @@ DEFAULT_SWEEP = (1500, 3000, 4000, 5000, 6000, 7500, 10000, 15000, 30000)
 
 
 def _defaults() -> dict:
-    from cbir.cli import _build_default
+    from apps.ingest import defaults
 
-    return {name: _build_default(name) for name in ("metric", "trees", "pca_dimension")}
+    return {"metric": defaults.METRIC, "trees": defaults.TREES, "pca_dimension": defaults.PCA_DIMENSION}
 
 
 def _vectors(workdir: pathlib.Path, n: int, dim: int, queries: int, seed: int):
@@ -127,7 +127,7 @@ def ours(args, workdir: pathlib.Path, queries_n: int) -> dict:
     label = f"ours-{args.items}x{args.dim}-{args.metric}-t{args.trees}" + (f"-pca{args.pca}" if args.pca else "")
     root = workdir / label
     print(f"\n== {label}: `cbir index build-from-features` (child process, /usr/bin/time -v)")
-    command = [PYTHON, "-m", "cbir", "index", "build-from-features", str(vectors_path), "--ids", str(ids_path),
+    command = [PYTHON, "-m", "apps", "index", "build-from-features", str(vectors_path), "--ids", str(ids_path),
                "--model-info", str(model_path), "--out", str(root), "--metric", args.metric,
                "--trees", str(args.trees), "--pca", str(args.pca)]
     previous = workdir / f"scale-{label}.json"

@@ -126,8 +126,8 @@ def cmd_model(args) -> None:
 
 
 def build_demo_bundle(args, out: pathlib.Path, embedder) -> pathlib.Path:
-    from cbir.ingest.build import BuildOptions, build_index
-    from cbir.ingest.embedding import LocalEmbedding
+    from apps.ingest.build import BuildOptions, build_index
+    from apps.ingest.embedding import LocalEmbedding
 
     result = build_index(PHOTOS, out, LocalEmbedding(embedder, max_pixels=embedder.max_pixels),
                          BuildOptions(progress=False))
@@ -333,8 +333,8 @@ def _batch_sums(metrics_port: str) -> tuple[float, float]:
 def cmd_ingest(args) -> None:
     """`build_index` (what `cbir index build` runs: read + decode in threads, batches, shards, bundle) vs the
     model alone on already decoded pixels, same batch size, interleaved; then through 1..N embedder replicas."""
-    from cbir.ingest.build import BuildOptions, build_index
-    from cbir.ingest.embedding import LocalEmbedding, RemoteEmbedding
+    from apps.ingest.build import BuildOptions, build_index
+    from apps.ingest.embedding import LocalEmbedding, RemoteEmbedding
     from services.embedder.embedder import Embedder
 
     embedder = Embedder.from_settings(embedder_settings(args))

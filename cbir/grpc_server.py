@@ -21,7 +21,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from cbir import metrics
-from cbir.client import read_pem
+from cbir.channels import read_pem
 from cbir.errors import CbirError
 
 log = logging.getLogger(__name__)
@@ -152,6 +152,9 @@ class GrpcService:
                 ("grpc.max_receive_message_length", max_message_bytes),
                 ("grpc.max_send_message_length", max_message_bytes),
                 ("grpc.so_reuseport", 0),
+                # Accept the keepalive pings of cbir's own clients (cbir.channels: every 60 s while
+                # calls are in flight) instead of answering them with GOAWAY "too_many_pings".
+                ("grpc.http2.min_recv_ping_interval_without_data_ms", 30_000),
                 # Clients of replicated services find new replicas only when they resolve the name
                 # again, which gRPC does when a connection ends: ending each one after a while (a
                 # GOAWAY; calls in flight finish first) spreads load onto replicas added later.

@@ -10,6 +10,8 @@ import shutil
 
 import pytest
 
+from cbir.health import wait_until_serving
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 DEMO_PHOTOS = ROOT / "demo" / "photos"
 # A varied subset of the demo photos keeps the suite quick on 2 CPU cores.
@@ -46,14 +48,14 @@ def collection(tmp_path_factory) -> pathlib.Path:
 @dataclasses.dataclass
 class BuiltBundle:
     root: pathlib.Path
-    result: object  # cbir.ingest.build.BuildResult
+    result: object  # apps.ingest.build.BuildResult
 
 
 @pytest.fixture(scope="session")
 def bundle(tmp_path_factory, collection, random_embedder) -> BuiltBundle:
     """`cbir index build` over the collection, in-process, with the random-weights model."""
-    from cbir.ingest.build import BuildOptions, build_index
-    from cbir.ingest.embedding import LocalEmbedding
+    from apps.ingest.build import BuildOptions, build_index
+    from apps.ingest.embedding import LocalEmbedding
 
     root = tmp_path_factory.mktemp("bundles") / "photos"
     result = build_index(collection, root, LocalEmbedding(random_embedder, max_pixels=50_000_000),
@@ -84,7 +86,7 @@ def stack(random_embedder, bundle):
     embedder.load(random_embedder)
     indexer = IndexerServer(IndexerSettings(port=0, metrics_port=None, bundle=bundle.root))
     indexer.start()
-    _wait_serving(f"127.0.0.1:{indexer.port}")
+    wait_until_serving(f"127.0.0.1:{indexer.port}")
     gateway = start_gateway(GatewaySettings(
         port=0, metrics_port=None,
         embedder_target=f"127.0.0.1:{embedder.port}", indexer_target=f"127.0.0.1:{indexer.port}",
@@ -95,20 +97,3 @@ def stack(random_embedder, bundle):
         server.stop(0)
 
 
-def _wait_serving(target: str, timeout_s: float = 60.0) -> None:
-    import time
-
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    deadline = time.monotonic() + timeout_s
-    with grpc.insecure_channel(target) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
-            try:
-                if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-            time.sleep(0.1)
-    raise AssertionError(f"{target} did not become SERVING in {timeout_s} s")

@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cbir import bundle as bundle_module
 from cbir.bundle import (
     CURRENT_FILE,
     FEATURES_FILE,
@@ -19,12 +18,15 @@ from cbir.bundle import (
     MANIFEST_FILE,
     PCA_FILE,
     InvalidBundleInput,
+    default_search_k,
     list_versions,
     open_bundle,
     read_current,
     set_current,
     write_bundle,
+    writing,
 )
+from cbir.bundle.files import sha256_of
 from cbir.errors import BundleError
 from cbir.v1 import common_pb2
 
@@ -90,7 +92,7 @@ def test_round_trip_returns_what_was_written(tmp_path, metric, pca_dimension, wh
         assert m.index_dimension == (pca_dimension or DIM)
         assert m.model_info() == model()
         assert m.name == "b" and m.version == path.name and m.created_at.endswith("Z")
-        assert m.default_search_k == bundle_module.default_search_k(4, N)
+        assert m.default_search_k == default_search_k(4, N)
         expected_files = {INDEX_FILE, ITEMS_FILE, FEATURES_FILE} | ({PCA_FILE} if pca_dimension else set())
         assert set(m.files) == expected_files
         assert (m.pca is None) == (pca_dimension == 0)
@@ -141,7 +143,7 @@ def test_item_reads_from_many_threads(tmp_path):
             t.start()
         for t in threads:
             t.join()
-        assert len(b._connections) >= 2
+        assert b._items.connection_count >= 2
     assert errors == []
     assert b.closed
 
@@ -198,7 +200,7 @@ def test_a_failed_build_leaves_no_version_and_keeps_current(tmp_path, monkeypatc
     def explode(*args, **kwargs):
         raise RuntimeError("disk full (simulated)")
 
-    monkeypatch.setattr(bundle_module, "_write_annoy", explode)
+    monkeypatch.setattr(writing, "write_annoy", explode)
     with pytest.raises(RuntimeError, match="simulated"):
         build(root, seed=3)
     assert sorted(p.name for p in root.iterdir()) == sorted([good.name, CURRENT_FILE])
@@ -339,6 +341,62 @@ def test_refuses_a_corrupt_manifest(tmp_path):
         open_bundle(tmp_path / "c")
 
 
+MANIFEST_KEYS = [
+    "format_version", "name", "version", "created_at", "model", "input_dimension", "index_dimension", "metric",
+    "trees", "item_count", "default_search_k", "pca", "source", "files",
+]
+
+
+def test_the_manifest_keeps_its_keys_and_reads_back_to_the_same_text(tmp_path):
+    """manifest.json has the format's keys in their order, and reading then writing it gives the same bytes."""
+    path = build(tmp_path / "b", pca_dimension=6)
+    text = (path / MANIFEST_FILE).read_text(encoding="utf-8")
+    assert list(json.loads(text)) == MANIFEST_KEYS
+    with open_bundle(tmp_path / "b") as b:
+        assert b.manifest.to_json() == text
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (dict(trees="5"), "field 'trees' must be an integer, found str '5'"),
+        (dict(item_count=True), "field 'item_count' must be an integer, found bool True"),
+        (dict(trees=0), "field 'trees' must be >= 1, found 0"),
+        (dict(metric="cosine"), "field 'metric' must be one of 'angular', 'euclidean' or 'manhattan', found 'cosine'"),
+        (dict(name=3), "field 'name' must be a string, found int 3"),
+        (dict(model="vgg16"), "field 'model' must be a JSON object, found str 'vgg16'"),
+        (dict(pca={"dimension": 6}), "field pca['whiten'] is missing"),
+        (dict(files={INDEX_FILE: {"sha256": "00", "bytes": "12"}}),
+         "field files['index.ann']['bytes'] must be an integer, found str '12'"),
+        (dict(source=None), "field 'source' must be a string, found NoneType None"),
+    ],
+)
+def test_a_manifest_field_of_the_wrong_type_is_named_in_plain_words(tmp_path, change, message):
+    """A wrong type or value is a BundleError naming the file, the field, what it must be and what it holds;
+    no pydantic error dump."""
+    path = build(tmp_path / "b", n=20)
+    rewrite_manifest(path, **change)
+    with pytest.raises(BundleError) as excinfo:
+        open_bundle(tmp_path / "b")
+    text = error_message(excinfo)
+    assert text.startswith(f"{path / MANIFEST_FILE} is not a valid manifest: {message}; rebuild it")
+    assert "validation error" not in text and "pydantic" not in text and "\n" not in text
+
+
+@pytest.mark.parametrize("key", MANIFEST_KEYS[1:])
+def test_a_missing_manifest_key_is_named(tmp_path, key):
+    """Every key but `pca` (absent = no PCA) must be there; the message names the one missing."""
+    path = build(tmp_path / "b", n=20)
+    data = json.loads((path / MANIFEST_FILE).read_text())
+    del data[key]
+    (path / MANIFEST_FILE).write_text(json.dumps(data))
+    if key == "pca":
+        open_bundle(tmp_path / "b").close()
+        return
+    with pytest.raises(BundleError, match=f"is not a valid manifest: field '{key}' is missing; rebuild it"):
+        open_bundle(tmp_path / "b")
+
+
 def test_refuses_a_manifest_dimension_that_is_not_the_index_dimension(tmp_path):
     """The manifest claims another dimension than index.ann / features.npy hold."""
     path = build(tmp_path / "b")
@@ -362,7 +420,7 @@ def test_refuses_an_index_of_another_dimension(tmp_path):
     os.replace(other / INDEX_FILE, path / INDEX_FILE)
     data = json.loads((path / MANIFEST_FILE).read_text())
     data["files"][INDEX_FILE] = {
-        "sha256": bundle_module._sha256(path / INDEX_FILE), "bytes": (path / INDEX_FILE).stat().st_size,
+        "sha256": sha256_of(path / INDEX_FILE), "bytes": (path / INDEX_FILE).stat().st_size,
     }
     (path / MANIFEST_FILE).write_text(json.dumps(data))
     with pytest.raises(BundleError) as excinfo:
@@ -379,7 +437,7 @@ def test_refuses_an_index_built_from_other_vectors(tmp_path):
     os.replace(other / INDEX_FILE, path / INDEX_FILE)
     data = json.loads((path / MANIFEST_FILE).read_text())
     data["files"][INDEX_FILE] = {
-        "sha256": bundle_module._sha256(path / INDEX_FILE), "bytes": (path / INDEX_FILE).stat().st_size,
+        "sha256": sha256_of(path / INDEX_FILE), "bytes": (path / INDEX_FILE).stat().st_size,
     }
     (path / MANIFEST_FILE).write_text(json.dumps(data))
     with pytest.raises(BundleError) as excinfo:

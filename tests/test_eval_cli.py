@@ -6,7 +6,7 @@ import shutil
 import pytest
 from click.testing import CliRunner
 
-from cbir.cli import main
+from apps.cli import main
 from conftest import DEMO_PHOTOS
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from cbir.eval import edits
+from apps.eval import edits
 from conftest import DEMO_PHOTOS
 
 PHOTO = DEMO_PHOTOS / "skimage-coffee.jpg"  # 600x400

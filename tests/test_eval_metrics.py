@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from cbir.eval import metrics
+from apps.eval import metrics
 
 
 def test_average_precision_counts_relevant_items_missing_from_the_list_as_zero():

@@ -13,8 +13,8 @@ import pytest
 from click.testing import CliRunner
 
 from cbir.bundle import open_bundle, write_bundle
-from cbir.cli import main
-from cbir.ingest.from_features import FeaturesError, build_from_features, load_features, save_features
+from apps.cli import main
+from apps.ingest.from_features import FeaturesError, build_from_features, load_features, save_features
 from cbir.v1 import common_pb2
 from services.indexer.index import SearchIndex
 

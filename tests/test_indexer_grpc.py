@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 import urllib.request
 
 import grpc
@@ -13,6 +12,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cbir import vectors as wire
 from cbir.bundle import write_bundle
+from cbir.health import wait_until_serving
 from cbir.v1 import common_pb2, indexer_pb2, indexer_pb2_grpc
 from services.indexer.server import IndexerServer
 from services.indexer.settings import IndexerSettings
@@ -46,20 +46,10 @@ def server(tmp_path_factory, vectors):
     srv = IndexerServer(settings)
     srv.start()
     channel = grpc.insecure_channel(f"127.0.0.1:{srv.port}")
-    wait_serving(health_pb2_grpc.HealthStub(channel))
+    wait_until_serving(f"127.0.0.1:{srv.port}", service="cbir.v1.Indexer", timeout_s=30)
     yield srv, channel
     channel.close()
     srv.stop(0)
-
-
-def wait_serving(health, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        status = health.Check(health_pb2.HealthCheckRequest(service="cbir.v1.Indexer")).status
-        if status == health_pb2.HealthCheckResponse.SERVING:
-            return
-        time.sleep(0.02)
-    raise AssertionError("indexer did not become SERVING")
 
 
 @pytest.fixture

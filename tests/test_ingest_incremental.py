@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from cbir import cli
+from apps import cli
 from cbir.bundle import add_deleted, list_versions, read_deleted
-from cbir.ingest.build import BuildOptions, build_index
-from cbir.ingest.sources import SourceError
+from apps.ingest.build import BuildOptions, build_index
+from apps.ingest.sources import SourceError
 from cbir.v1 import common_pb2
 from test_ingest_resume import ColourEmbedding, bundle_contents, draw_collection
 

@@ -24,14 +24,14 @@ from PIL import Image, ImageDraw
 
 from cbir.bundle import list_versions, open_bundle, read_current
 from cbir.errors import BadImage
-from cbir.ingest import build as build_module
-from cbir.ingest.build import BuildOptions, build_index
-from cbir.ingest.shards import ShardStore
-from cbir.ingest.sources import SourceError
+from apps.ingest import build as build_module
+from apps.ingest.build import BuildOptions, build_index
+from apps.ingest.shards import ShardStore
+from apps.ingest.sources import SourceError
 from cbir.v1 import common_pb2
 
 REPO = Path(__file__).resolve().parents[1]
-CBIR = [sys.executable, "-m", "cbir"]
+CBIR = [sys.executable, "-m", "apps"]
 
 
 def draw_collection(folder: Path, count: int, size: int = 48) -> list[str]:
@@ -101,7 +101,7 @@ def test_a_build_killed_with_sigkill_resumes_and_holds_each_item_exactly_once(tm
     resumed = run_build(source, out)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert f"{len(names) - len(stored)} embedded, {len(stored)} reused" in resumed.stdout
-    from cbir.ingest.embedding import LocalEmbedding
+    from apps.ingest.embedding import LocalEmbedding
 
     build_index(source, tmp_path / "clean", LocalEmbedding(random_embedder, max_pixels=50_000_000),
                 BuildOptions(batch_size=4, trees=5, progress=False))

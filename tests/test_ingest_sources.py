@@ -6,10 +6,11 @@ import pathlib
 import numpy as np
 import pytest
 
-from cbir.ingest.fetch import FetchError, read_bytes
-from cbir.ingest.pipeline import chunked, ordered_map
-from cbir.ingest.shards import ShardStore
-from cbir.ingest.sources import SourceError, SourceItem, list_source
+from cbir.download import FetchError
+from apps.ingest.sources import read_bytes
+from apps.ingest.pipeline import chunked, ordered_map
+from apps.ingest.shards import ShardStore
+from apps.ingest.sources import SourceError, SourceItem, list_source
 
 
 def _touch(path: pathlib.Path, data: bytes = b"x") -> pathlib.Path:

@@ -12,7 +12,7 @@ import json
 
 import pytest
 
-from cbir.ingest.build import BuildOptions, build_index
+from apps.ingest.build import BuildOptions, build_index
 from test_ingest_resume import ColourEmbedding, bundle_contents
 from test_reliability_urls import image_server, png  # noqa: F401 - the fixture
 

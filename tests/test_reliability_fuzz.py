@@ -3,7 +3,7 @@
 - image decoding (`services.embedder.images.load_image`): random bytes, real images of eight
   formats with bytes flipped, cut, inserted or overwritten, and headers that claim huge sizes;
   the only outcomes allowed are a (224, 224, 3) uint8 array or `BadImage`;
-- URL handling (`cbir.ingest.fetch`): arbitrary text and URLs built from hostile parts; only
+- URL handling (`cbir.download`): arbitrary text and URLs built from hostile parts; only
   `UrlRefused` or a parsed target, and under the default policy nothing is ever connected to;
 - request handling over gRPC: arbitrary QueryVector/QueryItem/GetItems requests to the real indexer
   and SearchById/SearchByImage/SearchByUrl to the real gateway; every answer is OK or a status that
@@ -28,8 +28,8 @@ from PIL import Image
 from cbir.bundle import write_bundle
 from cbir.client import GatewayClient
 from cbir.errors import BadImage
-from cbir.ingest.fetch import Downloader, FetchError, FetchLimits, UrlPolicy, UrlRefused, parse_url
-from cbir.v1 import common_pb2, gateway_pb2, indexer_pb2, indexer_pb2_grpc
+from cbir.download import Downloader, FetchError, FetchLimits, UrlPolicy, UrlRefused, parse_url
+from cbir.v1 import common_pb2, indexer_pb2, indexer_pb2_grpc
 from services.embedder.images import load_image
 
 SCALE = float(os.environ.get("CBIR_FUZZ_SCALE", "1"))

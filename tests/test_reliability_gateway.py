@@ -9,21 +9,22 @@ import json
 import grpc
 import pytest
 
-from services.gateway.upstreams import EMBEDDER_SERVICE, INDEXER_SERVICE, IDEMPOTENT, service_config
+from cbir.channels import service_config
+from services.gateway.upstreams import EMBEDDER_SERVICE, INDEXER_SERVICE, IDEMPOTENT, retry_policy
 from test_gateway import COLORS, FakeEmbedder, FakeIndexer, StatusCode, make_stack, png  # noqa: F401 - fixture
 
 
 def test_only_idempotent_methods_are_retried_and_retries_are_throttled():
     """The channels' service config names Embed, GetModelInfo and the indexer's read calls, retries only
     UNAVAILABLE, at most 3 attempts, and throttles retries; ReloadBundle (an admin action) is never retried."""
-    config = json.loads(service_config(EMBEDDER_SERVICE))
+    config = json.loads(service_config(retry_policy(EMBEDDER_SERVICE)))
     (method_config,) = config["methodConfig"]
     assert {(n["service"], n["method"]) for n in method_config["name"]} == {
         (EMBEDDER_SERVICE, "Embed"), (EMBEDDER_SERVICE, "GetModelInfo")}
     assert method_config["retryPolicy"]["retryableStatusCodes"] == ["UNAVAILABLE"]
     assert method_config["retryPolicy"]["maxAttempts"] == 3
     assert config["retryThrottling"] == {"maxTokens": 10, "tokenRatio": 0.1}
-    indexer = json.loads(service_config(INDEXER_SERVICE))["methodConfig"][0]["name"]
+    indexer = json.loads(service_config(retry_policy(INDEXER_SERVICE)))["methodConfig"][0]["name"]
     assert "ReloadBundle" not in {n["method"] for n in indexer} and "ReloadBundle" not in IDEMPOTENT[INDEXER_SERVICE]
     assert config["loadBalancingConfig"] == [{"round_robin": {}}]
 

@@ -24,6 +24,7 @@ from prometheus_client import REGISTRY
 
 from cbir import vectors as wire
 from cbir.bundle import INDEX_FILE, ITEMS_FILE, add_deleted, remove_deleted, set_current, write_bundle
+from cbir.health import wait_until_serving
 from cbir.v1 import common_pb2, indexer_pb2, indexer_pb2_grpc
 from services.indexer.server import IndexerServer
 from services.indexer.settings import IndexerSettings
@@ -64,7 +65,7 @@ class Indexer:
         self.health = health_pb2_grpc.HealthStub(self.channel)
 
     def wait_serving(self, timeout: float = 60.0) -> None:
-        wait_until(lambda: self.health.Check(health_pb2.HealthCheckRequest(), timeout=5).status == SERVING, timeout)
+        wait_until_serving(f"127.0.0.1:{self.server.port}", timeout_s=timeout)
 
     def info(self) -> indexer_pb2.GetIndexInfoResponse:
         return self.stub.GetIndexInfo(indexer_pb2.GetIndexInfoRequest(), timeout=10)
@@ -404,7 +405,7 @@ def test_the_cli_deletes_and_reloads_through_the_indexer(tmp_path, indexers):
     with the indexer's reason."""
     from click.testing import CliRunner
 
-    from cbir import cli
+    from apps import cli
 
     root = tmp_path / "photos"
     write_version(root, 30, version="v1")

@@ -14,14 +14,17 @@ from pathlib import Path
 import grpc
 import pytest
 from click.testing import CliRunner
+from conftest import DEMO_PHOTOS
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from cbir import cli
-from cbir.client import ClientTls, GatewayClient, open_channel
+from apps import cli
+from cbir.channels import ClientTls, open_channel
+from cbir.client import GatewayClient
+from cbir.health import wait_until_serving
 from cbir.settings import ServerSettings
 from services.embedder.server import EmbedderServer
 from services.embedder.settings import EmbedderSettings
@@ -29,7 +32,6 @@ from services.gateway.server import start as start_gateway
 from services.gateway.settings import GatewaySettings
 from services.indexer.server import IndexerServer
 from services.indexer.settings import IndexerSettings
-from conftest import DEMO_PHOTOS
 
 StatusCode = grpc.StatusCode
 pytestmark = pytest.mark.slow  # the real services, VGG-16 included
@@ -102,22 +104,6 @@ def pki(tmp_path_factory) -> Pki:
     return Pki(tmp_path_factory.mktemp("pki"))
 
 
-def wait_serving(target: str, tls: ClientTls, timeout: float = 60.0) -> None:
-    import time
-
-    deadline = time.monotonic() + timeout
-    with open_channel(target, tls=tls) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
-            try:
-                if stub.Check(health_pb2.HealthCheckRequest(), timeout=2).status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-            time.sleep(0.05)
-    raise AssertionError(f"{target} did not become SERVING over TLS")
-
-
 @pytest.fixture(scope="module")
 def mtls_stack(pki, random_embedder, bundle):
     """Embedder, indexer and gateway, each serving mutual TLS; the gateway reaches both upstreams with the
@@ -128,7 +114,7 @@ def mtls_stack(pki, random_embedder, bundle):
     embedder.load(random_embedder)
     indexer = IndexerServer(IndexerSettings(port=0, metrics_port=None, bundle=bundle.root, **pki.server()))
     indexer.start()
-    wait_serving(f"127.0.0.1:{indexer.port}", pki.client())
+    wait_until_serving(f"127.0.0.1:{indexer.port}", tls=pki.client())
     gateway = start_gateway(GatewaySettings(
         port=0, metrics_port=None, embedder_target=f"127.0.0.1:{embedder.port}",
         indexer_target=f"127.0.0.1:{indexer.port}", upstream_tls_ca=pki.ca.pem,
@@ -202,7 +188,7 @@ def test_server_tls_without_client_certificates_and_the_cli(pki, random_embedder
         indexer_target=f"127.0.0.1:{indexer.port}", **pki.server(mutual=False),
     ))
     try:
-        wait_serving(f"127.0.0.1:{indexer.port}", None)
+        wait_until_serving(f"127.0.0.1:{indexer.port}")
         image = str(DEMO_PHOTOS / "skimage-coffee.jpg")
         ok = CliRunner().invoke(cli.main, ["search", image, "--k", "2", "--gateway", f"127.0.0.1:{gateway.port}",
                                            "--tls-ca", str(pki.ca.pem)])

@@ -1,4 +1,4 @@
-"""Search by URL, safe against SSRF, and the downloader under it (`cbir.ingest.fetch`).
+"""Search by URL, safe against SSRF, and the downloader under it (`cbir.download`).
 
 A local HTTP server (http.server on 127.0.0.1:0) plays the image host: good images, redirects
 (to itself or to private addresses), huge and trickling bodies, HTML, errors. Loopback is refused
@@ -22,7 +22,7 @@ import pytest
 from PIL import Image
 
 from cbir.client import GatewayClient
-from cbir.ingest.fetch import (
+from cbir.download import (
     Downloader, FetchLimits, FetchTimeout, HttpStatus, NetworkError, TooLarge, UrlPolicy, UrlRefused,
     WrongContentType, parse_url,
 )

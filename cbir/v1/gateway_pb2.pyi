@@ -106,15 +106,19 @@ class UpstreamStatus(_message.Message):
     def __init__(self, name: _Optional[str] = ..., target: _Optional[str] = ..., state: _Optional[str] = ..., detail: _Optional[str] = ..., channel: _Optional[str] = ..., tls: _Optional[bool] = ...) -> None: ...
 
 class GetStatusResponse(_message.Message):
-    __slots__ = ("upstreams", "model", "index", "compatible", "detail")
+    __slots__ = ("upstreams", "model", "index", "compatible", "detail", "default_k", "max_k")
     UPSTREAMS_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     INDEX_FIELD_NUMBER: _ClassVar[int]
     COMPATIBLE_FIELD_NUMBER: _ClassVar[int]
     DETAIL_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_K_FIELD_NUMBER: _ClassVar[int]
+    MAX_K_FIELD_NUMBER: _ClassVar[int]
     upstreams: _containers.RepeatedCompositeFieldContainer[UpstreamStatus]
     model: _common_pb2.ModelInfo
     index: _common_pb2.IndexInfo
     compatible: bool
     detail: str
-    def __init__(self, upstreams: _Optional[_Iterable[_Union[UpstreamStatus, _Mapping]]] = ..., model: _Optional[_Union[_common_pb2.ModelInfo, _Mapping]] = ..., index: _Optional[_Union[_common_pb2.IndexInfo, _Mapping]] = ..., compatible: _Optional[bool] = ..., detail: _Optional[str] = ...) -> None: ...
+    default_k: int
+    max_k: int
+    def __init__(self, upstreams: _Optional[_Iterable[_Union[UpstreamStatus, _Mapping]]] = ..., model: _Optional[_Union[_common_pb2.ModelInfo, _Mapping]] = ..., index: _Optional[_Union[_common_pb2.IndexInfo, _Mapping]] = ..., compatible: _Optional[bool] = ..., detail: _Optional[str] = ..., default_k: _Optional[int] = ..., max_k: _Optional[int] = ...) -> None: ...

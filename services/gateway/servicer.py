@@ -5,7 +5,7 @@ statuses. Upstream failures are mapped in `services.gateway.upstreams`.
 
 Each search has a deadline budget (`request_timeout_s`, or the caller's deadline if sooner) that
 the download, the Embed call and the index query share. SearchByUrl downloads through
-`cbir.ingest.fetch.Downloader` with a policy that refuses non-public addresses unless configured
+`cbir.download.Downloader` with a policy that refuses non-public addresses unless configured
 (see `services.gateway.urls`).
 """
 
@@ -14,9 +14,10 @@ from __future__ import annotations
 import time
 
 from cbir import metrics
-from cbir.client import ClientTls
+from cbir.channels import ClientTls
 from cbir.errors import InvalidRequest
 from cbir.v1 import gateway_pb2, gateway_pb2_grpc, indexer_pb2
+from services.gateway.budget import Budget
 from services.gateway.settings import GatewaySettings
 from services.gateway.status import gather_status
 from services.gateway.upstreams import EmbedderUpstream, IndexerUpstream
@@ -59,9 +60,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         self.indexer.close()
         self.urls.close()
 
-    def _deadline(self) -> float:
-        """The request's deadline budget, as a time.monotonic() value."""
-        return time.monotonic() + self.settings.request_timeout_s
+    def _budget(self, context) -> Budget:
+        return Budget.for_request(self.settings.request_timeout_s, context)
 
     def _k(self, k: int) -> int:
         if k == 0:
@@ -72,11 +72,11 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
 
     def SearchByImage(self, request: gateway_pb2.SearchByImageRequest, context) -> gateway_pb2.SearchByImageResponse:
         start = time.perf_counter()
-        deadline = self._deadline()
+        budget = self._budget(context)
         if not request.image:
             raise InvalidRequest("image is empty: send the encoded bytes of a JPEG, PNG, WebP, ... image")
         k = self._k(request.k)
-        found, embed_s, index_s = self._search_image(request.image, k, request.search_k, context, deadline)
+        found, embed_s, index_s = self._search_image(request.image, k, request.search_k, budget)
         return gateway_pb2.SearchByImageResponse(
             hits=found.hits,
             bundle_version=found.bundle_version,
@@ -87,16 +87,13 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
 
     def SearchByUrl(self, request: gateway_pb2.SearchByUrlRequest, context) -> gateway_pb2.SearchByUrlResponse:
         start = time.perf_counter()
-        deadline = self._deadline()
-        remaining = context.time_remaining() if context is not None else None
-        if remaining is not None:
-            deadline = min(deadline, time.monotonic() + remaining)
+        budget = self._budget(context)
         if not request.url:
             raise InvalidRequest("url is empty: give the http(s) URL of an image")
         k = self._k(request.k)
         with metrics.stage("gateway", "fetch") as fetch:
-            fetched = self.urls.fetch(request.url, deadline=deadline)
-        found, embed_s, index_s = self._search_image(fetched.data, k, request.search_k, context, deadline)
+            fetched = self.urls.fetch(request.url, deadline=budget.end)
+        found, embed_s, index_s = self._search_image(fetched.data, k, request.search_k, budget)
         return gateway_pb2.SearchByUrlResponse(
             hits=found.hits,
             bundle_version=found.bundle_version,
@@ -108,12 +105,10 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             content_type=fetched.content_type,
         )
 
-    def _search_image(self, image: bytes, k: int, search_k: int, context, deadline: float):
+    def _search_image(self, image: bytes, k: int, search_k: int, budget: Budget):
         """Embed `image`, then ask the indexer: (QueryVectorResponse, embed seconds, index seconds)."""
         with metrics.stage("gateway", "embed") as embed:
-            vector, fingerprint = self.embedder.embed(
-                image, timeout_s=self.settings.embed_timeout_s, context=context, deadline=deadline
-            )
+            vector, fingerprint = self.embedder.embed(image, timeout_s=self.settings.embed_timeout_s, budget=budget)
 
         with metrics.stage("gateway", "index") as index:
             found = self.indexer.query_vector(
@@ -121,8 +116,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                     vector=vector, k=k, search_k=search_k, model_fingerprint=fingerprint
                 ),
                 timeout_s=self.settings.index_timeout_s,
-                context=context,
-                deadline=deadline,
+                budget=budget,
             )
         return found, embed.seconds, index.seconds
 
@@ -138,8 +132,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                     item_id=request.item_id, k=k, search_k=request.search_k, exclude_self=request.exclude_self
                 ),
                 timeout_s=self.settings.index_timeout_s,
-                context=context,
-                deadline=self._deadline(),
+                budget=self._budget(context),
             )
 
         return gateway_pb2.SearchByIdResponse(
@@ -149,8 +142,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         )
 
     def GetStatus(self, request: gateway_pb2.GetStatusRequest, context) -> gateway_pb2.GetStatusResponse:
-        timeout_s = self.settings.status_timeout_s
-        remaining = context.time_remaining() if context is not None else None
-        if remaining is not None:
-            timeout_s = max(min(timeout_s, remaining), _MIN_STATUS_TIMEOUT_S)
-        return gather_status(self.embedder, self.indexer, timeout_s=timeout_s)
+        budget = Budget.for_request(self.settings.status_timeout_s, context)
+        response = gather_status(self.embedder, self.indexer, timeout_s=max(budget.remaining_s(), _MIN_STATUS_TIMEOUT_S))
+        response.default_k = self.settings.default_k
+        response.max_k = self.settings.max_k
+        return response

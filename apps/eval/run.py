@@ -16,10 +16,10 @@ from typing import Sequence
 import numpy as np
 
 from cbir.bundle import model_to_dict
-from cbir.eval import edits as edits_module
-from cbir.eval.embedding import Embedded, ModelSpec, VectorCache, embed_jobs, make_embedding
-from cbir.eval.indexes import BuiltIndex, IndexSpec, ann_recall_rows
-from cbir.eval.protocols import (
+from apps.eval import edits as edits_module
+from apps.eval.embedding import Embedded, ModelSpec, VectorCache, embed_jobs, make_embedding
+from apps.eval.indexes import BuiltIndex, IndexSpec, ann_recall_rows
+from apps.eval.protocols import (
     DISTRACTOR_PREFIX,
     EvalError,
     copy_queries,
@@ -133,7 +133,7 @@ def run_copies(source, options: EvalOptions, *, edits: Sequence[str] = edits_mod
                distractors=None, max_images: int | None = None, embedding=None) -> dict:
     """Copy detection: edited copies of the collection's images query an index of the originals.
 
-    `embedding`: a `cbir.ingest.embedding` Local/RemoteEmbedding to use instead of building one
+    `embedding`: a `apps.ingest.embedding` Local/RemoteEmbedding to use instead of building one
     from `options.model`.
     """
     items = sample(list_collection(source), max_images, options.seed)

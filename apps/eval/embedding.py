@@ -17,7 +17,7 @@ import numpy as np
 from tqdm import tqdm
 
 from cbir.errors import BadImage
-from cbir.ingest.fetch import FetchError
+from cbir.download import FetchError
 
 log = logging.getLogger(__name__)
 
@@ -77,8 +77,8 @@ class ModelSpec:
 
 
 def make_embedding(spec: ModelSpec, embedder_target: str | None = None):
-    """A `cbir.ingest.embedding` LocalEmbedding (VGG-16 here) or RemoteEmbedding (the embedder service)."""
-    from cbir.ingest.embedding import LocalEmbedding, RemoteEmbedding
+    """A `apps.ingest.embedding` LocalEmbedding (VGG-16 here) or RemoteEmbedding (the embedder service)."""
+    from apps.ingest.embedding import LocalEmbedding, RemoteEmbedding
 
     if embedder_target:
         return RemoteEmbedding(embedder_target, parallel_batches=2)

@@ -11,7 +11,7 @@ from typing import Iterable
 
 import numpy as np
 
-from cbir.eval import metrics
+from apps.eval import metrics
 
 
 @dataclasses.dataclass(frozen=True)

@@ -33,10 +33,11 @@ from tqdm import tqdm
 
 from cbir.bundle import open_bundle, read_deleted, write_bundle
 from cbir.errors import BadImage, BundleError
-from cbir.ingest.fetch import Downloader, FetchError, FetchLimits, UrlPolicy, read_bytes
-from cbir.ingest.pipeline import chunked, ordered_map
-from cbir.ingest.shards import ShardStore
-from cbir.ingest.sources import SourceError, SourceItem, is_remote, list_source
+from cbir.download import Downloader, FetchError, FetchLimits, UrlPolicy
+from apps.ingest import defaults
+from apps.ingest.pipeline import chunked, ordered_map
+from apps.ingest.shards import ShardStore
+from apps.ingest.sources import SourceError, SourceItem, is_remote, list_source, read_bytes
 
 log = logging.getLogger(__name__)
 
@@ -45,10 +46,10 @@ LOCK_FILE = ".build.lock"
 
 @dataclasses.dataclass
 class BuildOptions:
-    metric: str = "angular"
-    trees: int = 30
-    pca_dimension: int = 0
-    pca_whiten: bool = False
+    metric: str = defaults.METRIC
+    trees: int = defaults.TREES
+    pca_dimension: int = defaults.PCA_DIMENSION
+    pca_whiten: bool = defaults.PCA_WHITEN
     batch_size: int = 32
     read_workers: int = 4
     shard_size: int = 1024

@@ -9,7 +9,7 @@ embedder service with `--embedder TARGET`), the index is a real bundle written b
   or a CSV/JSONL manifest with a group column. Every image queries the rest of the collection.
   A collection without groups (the demo photos) can be given groups made of each image and
   seeded edits of it (`groups_from_edits`).
-- **copy detection** (Copydays-style): queries are seeded edits (`cbir.eval.edits`) of the
+- **copy detection** (Copydays-style): queries are seeded edits (`apps.eval.edits`) of the
   collection's images, never indexed themselves; the original is the one relevant hit. The
   collection may be padded with distractor images.
 
@@ -29,12 +29,12 @@ from typing import Sequence
 import numpy as np
 
 from cbir.errors import BadImage
-from cbir.eval import edits as edits_module
-from cbir.eval import metrics
-from cbir.eval.embedding import Job
-from cbir.eval.indexes import BuiltIndex
-from cbir.ingest.fetch import read_bytes
-from cbir.ingest.sources import SourceError, SourceItem, list_source
+from apps.eval import edits as edits_module
+from apps.eval import metrics
+from apps.eval.embedding import Job
+from apps.eval.indexes import BuiltIndex
+from apps.ingest.sources import read_bytes
+from apps.ingest.sources import SourceError, SourceItem, list_source
 
 MAX_IMAGE_BYTES = 32 * 1024 * 1024
 EDIT_SEPARATOR = "#"

@@ -1,4 +1,4 @@
-"""`cbir eval`: the command group (registered on `cbir` by cbir/cli.py). Heavy imports happen inside
+"""`cbir eval`: the command group (registered on `cbir` by apps/cli.py). Heavy imports happen inside
 the commands so that `cbir --help` stays instant."""
 
 from __future__ import annotations
@@ -8,12 +8,7 @@ import pathlib
 
 import click
 
-
-def _build_default(name: str):
-    """The default of `cbir index build --<name>`: eval indexes as the build does."""
-    from cbir.cli import _build_default as build_default
-
-    return build_default(name)
+from apps.ingest import defaults
 
 
 @click.group("eval")
@@ -65,7 +60,7 @@ def _eval_options(function):
 def _eval_run(protocol, source, json_path, no_progress, run):
     """Shared by the eval commands: options -> run -> tables, warnings, JSON; clear errors."""
     from cbir.errors import WeightsError
-    from cbir.eval.protocols import EvalError, to_json
+    from apps.eval.protocols import EvalError, to_json
     from cbir.logs import setup_logging
 
     setup_logging()
@@ -80,9 +75,9 @@ def _eval_run(protocol, source, json_path, no_progress, run):
 
 def _eval_build_options(model, weights, feature, pooling, gem_p, scales, embedder_target, metric, trees, pca_dimension,
                         pca_whiten, depth, recall_k, search_ks, seed, cache_dir, no_progress):
-    from cbir.eval.embedding import ModelSpec
-    from cbir.eval.indexes import IndexSpec
-    from cbir.eval.run import EvalOptions
+    from apps.eval.embedding import ModelSpec
+    from apps.eval.indexes import IndexSpec
+    from apps.eval.run import EvalOptions
 
     try:
         spec = ModelSpec.parse(model) if model else ModelSpec(
@@ -92,9 +87,9 @@ def _eval_build_options(model, weights, feature, pooling, gem_p, scales, embedde
     except ValueError as error:
         raise click.BadParameter(str(error)) from None
     index_spec = IndexSpec(
-        metric=metric or _build_default("metric"), trees=trees or _build_default("trees"),
-        pca=_build_default("pca_dimension") if pca_dimension is None else pca_dimension,
-        whiten=_build_default("pca_whiten") if pca_whiten is None else pca_whiten,
+        metric=metric or defaults.METRIC, trees=trees or defaults.TREES,
+        pca=defaults.PCA_DIMENSION if pca_dimension is None else pca_dimension,
+        whiten=defaults.PCA_WHITEN if pca_whiten is None else pca_whiten,
     )
     return EvalOptions(model=spec, index=index_spec, embedder_target=embedder_target, depth=depth, recall_k=recall_k,
                        search_ks=list(search_ks) or None, seed=seed, cache_dir=cache_dir, progress=not no_progress)
@@ -109,7 +104,7 @@ def _eval_print_common(result, json_path):
             click.echo(f"  {reject['image']}: {reject['reason']}", err=True)
         if len(result["rejects"]) > 10:
             click.echo(f"  ... and {len(result['rejects']) - 10} more (see the JSON report)", err=True)
-    from cbir.eval import report
+    from apps.eval import report
 
     index = result["index"]
     click.echo(f"\nIndex: {result['index_spec']['label']}, {index['items']} items, {index['dimension']}-d, "
@@ -132,9 +127,9 @@ def eval_groups(source, from_edits, group_column, edits, max_images, json_path, 
     SOURCE is a folder with one sub-folder per group (group/xxx.jpg), or a CSV/JSONL manifest with
     an id, a path or URL and a group column. Images without a group are indexed as distractors.
     """
-    from cbir.eval import report
-    from cbir.eval.edits import parse_edits
-    from cbir.eval.run import run_groups
+    from apps.eval import report
+    from apps.eval.edits import parse_edits
+    from apps.eval.run import run_groups
 
     eval_options = _eval_build_options(None, no_progress=no_progress, **options)
     try:
@@ -159,9 +154,9 @@ def eval_groups(source, from_edits, group_column, edits, max_images, json_path, 
 def eval_copies(source, distractors, edits, max_images, json_path, no_progress, **options):
     """Copy detection (Copydays-style): seeded edits of SOURCE's images query an index of the originals;
     recall@1/@10 and mAP per edit."""
-    from cbir.eval import report
-    from cbir.eval.edits import parse_edits
-    from cbir.eval.run import run_copies
+    from apps.eval import report
+    from apps.eval.edits import parse_edits
+    from apps.eval.run import run_copies
 
     eval_options = _eval_build_options(None, no_progress=no_progress, **options)
     try:
@@ -206,10 +201,10 @@ def eval_compare(source, models, weights, pca_dims, metric_names, trees_list, se
     effort) on SOURCE with both protocols, embedding every image once per model; prints the tables
     and the configuration that wins (quality first, then embedding time, then index size)."""
     from cbir.errors import WeightsError
-    from cbir.eval.compare import CompareOptions, run_compare, tables
-    from cbir.eval.edits import parse_edits
-    from cbir.eval.embedding import ModelSpec
-    from cbir.eval.protocols import EvalError, to_json
+    from apps.eval.compare import CompareOptions, run_compare, tables
+    from apps.eval.edits import parse_edits
+    from apps.eval.embedding import ModelSpec
+    from apps.eval.protocols import EvalError, to_json
     from cbir.logs import setup_logging
 
     setup_logging()
@@ -251,7 +246,7 @@ def eval_compare(source, models, weights, pca_dims, metric_names, trees_list, se
 @click.option("--seed", type=int, default=0)
 def eval_edits(image, out, seed):
     """Write the copy-detection edits of IMAGE to --out (one JPEG per edit), to see what the queries look like."""
-    from cbir.eval.edits import EDIT_NAMES, edited_bytes
+    from apps.eval.edits import EDIT_NAMES, edited_bytes
 
     out.mkdir(parents=True, exist_ok=True)
     for edit in EDIT_NAMES:

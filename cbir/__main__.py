@@ -1,3 +1,0 @@
-from cbir.cli import main
-
-main()

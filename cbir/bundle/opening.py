@@ -1,0 +1,151 @@
+"""`open_bundle`: find the version folder, read its manifest, and verify the version before anyone
+serves it — the manifest's dimensions agree with its model and PCA, every listed file is there with
+its size and (optionally) its checksum, and the features, PCA, Annoy index and item table all hold
+what the manifest says."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import numpy as np
+from annoy import AnnoyIndex
+
+from cbir.bundle.annoy_index import load_annoy
+from cbir.bundle.files import sha256_of
+from cbir.bundle.layout import FEATURES_FILE, INDEX_FILE, ITEMS_FILE, MANIFEST_FILE, PCA_FILE, REBUILD
+from cbir.bundle.manifest import Manifest, read_manifest
+from cbir.bundle.opened import Bundle
+from cbir.bundle.projection import load_pca
+from cbir.bundle.versions import resolve_version_folder
+from cbir.errors import BundleError
+from cbir.pca import Pca
+
+
+def open_bundle(
+    path: str | Path, *, verify_checksums: bool = True, prefault: bool = False, version: str | None = None
+) -> Bundle:
+    """Open a bundle root (follows `current`) or a version folder, after checking it.
+
+    Checks: the manifest parses and has format_version 1; every listed file exists with its
+    recorded size; with `verify_checksums` (default) every file's sha256 — this reads the whole
+    bundle once (about 1.4 GB/s per core when cached, disk speed otherwise: some 25 s for a
+    1M x 4096 bundle of ~35 GB), which also warms the page cache; the features and PCA files have
+    the manifest's shapes; the Annoy file has the manifest's item count and dimension, and its
+    first and last stored vectors equal the (projected) features. `prefault` asks Annoy to read
+    the whole index into memory at load (MAP_POPULATE) instead of on first use.
+    `version` opens that version of the bundle root `path` instead of the one `current` names.
+    Any problem raises `BundleError` saying which file, what was expected and found, and what to do.
+    """
+    folder, root = resolve_version_folder(Path(path), version)
+    manifest = read_manifest(folder)
+    _check_dimensions(folder / MANIFEST_FILE, manifest)
+    _check_file_sizes(folder, manifest)
+    if verify_checksums:
+        _check_checksums(folder, manifest)
+    pca = load_pca(folder, manifest)
+    features = _load_features(folder, manifest)
+    index = load_annoy(folder / INDEX_FILE, manifest.metric, manifest.index_dimension, prefault=prefault)
+    bundle = Bundle(folder, root, manifest, index, pca)
+    try:
+        _check_index_matches_features(folder / INDEX_FILE, manifest, index, features, pca)
+        _check_item_count(folder / ITEMS_FILE, manifest, bundle)
+    except BaseException:
+        bundle.close()
+        raise
+    return bundle
+
+
+def _check_dimensions(path: Path, manifest: Manifest) -> None:
+    """The manifest agrees with itself: model, input, PCA and index dimensions, and the files listed."""
+    try:
+        model = manifest.model_info()
+    except (TypeError, ValueError) as error:
+        raise BundleError(f"{path}: field 'model' is not a valid ModelInfo ({error}); {REBUILD}") from error
+    if model.dimension != manifest.input_dimension:
+        raise BundleError(
+            f"{path}: model.dimension {model.dimension} does not match input_dimension {manifest.input_dimension}; "
+            f"{REBUILD}"
+        )
+    expected_index_dim = manifest.pca.dimension if manifest.pca else manifest.input_dimension
+    if manifest.index_dimension != expected_index_dim:
+        raise BundleError(
+            f"{path}: index_dimension {manifest.index_dimension} does not match "
+            f"{'pca.dimension' if manifest.pca else 'input_dimension'} {expected_index_dim}; {REBUILD}"
+        )
+    required = [INDEX_FILE, ITEMS_FILE, FEATURES_FILE] + ([PCA_FILE] if manifest.pca else [])
+    missing = [name for name in required if name not in manifest.files]
+    if missing:
+        raise BundleError(f"{path} does not list {', '.join(missing)} under 'files'; {REBUILD}")
+
+
+def _check_file_sizes(folder: Path, manifest: Manifest) -> None:
+    for name, entry in manifest.files.items():
+        path = folder / name
+        if not path.is_file():
+            raise BundleError(
+                f"{path} is missing: the manifest lists it ({entry.bytes} bytes). The bundle is incomplete "
+                f"(copied only in part?); copy the whole version folder again, or {REBUILD}"
+            )
+        size = path.stat().st_size
+        if size != entry.bytes:
+            raise BundleError(
+                f"{path} is {size} bytes but the manifest records {entry.bytes}: the file is "
+                f"{'truncated' if size < entry.bytes else 'larger than written'} or was changed after the bundle "
+                f"was written; copy the version folder again, or {REBUILD}"
+            )
+
+
+def _check_checksums(folder: Path, manifest: Manifest) -> None:
+    for name, entry in manifest.files.items():
+        digest = sha256_of(folder / name)
+        if digest != entry.sha256:
+            raise BundleError(
+                f"{folder / name} fails its checksum: sha256 {digest[:16]}… but the manifest records "
+                f"{entry.sha256[:16]}…; the file is corrupt or was changed after the bundle was written. "
+                f"Copy the version folder again, or {REBUILD}"
+            )
+
+
+def _load_features(folder: Path, manifest: Manifest) -> np.ndarray:
+    path = folder / FEATURES_FILE
+    try:
+        features = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError) as error:
+        raise BundleError(f"{path} is not a readable .npy file: {error}; {REBUILD}") from error
+    if features.dtype != np.float32 or features.shape != (manifest.item_count, manifest.input_dimension):
+        raise BundleError(
+            f"{path} holds {features.dtype} {features.shape} but the manifest expects float32 "
+            f"({manifest.item_count}, {manifest.input_dimension}); {REBUILD}"
+        )
+    return features
+
+
+def _check_index_matches_features(
+    path: Path, manifest: Manifest, index: AnnoyIndex, features: np.ndarray, pca: Pca | None
+) -> None:
+    """The index holds the manifest's item count, and its first and last vectors are the (projected)
+    features: otherwise Annoy id i would not be item i."""
+    if index.get_n_items() != manifest.item_count:
+        raise BundleError(
+            f"{path} holds {index.get_n_items()} items but the manifest says {manifest.item_count}: "
+            f"the index does not belong to this manifest (or its dimension/metric differ); {REBUILD}"
+        )
+    for i in sorted({0, manifest.item_count - 1}):
+        expected = pca.transform(features[i]) if pca is not None else np.asarray(features[i])
+        stored = np.asarray(index.get_item_vector(i), dtype=np.float32)
+        if not np.allclose(stored, expected, rtol=1e-4, atol=1e-5):
+            raise BundleError(
+                f"{path}: the vector stored for Annoy id {i} differs from row {i} of {FEATURES_FILE}"
+                f"{' after PCA' if pca is not None else ''}: the index was built with another dimension or from "
+                f"other vectors than the manifest describes; {REBUILD}"
+            )
+
+
+def _check_item_count(path: Path, manifest: Manifest, bundle: Bundle) -> None:
+    try:
+        count = bundle.count_items()
+    except sqlite3.Error as error:
+        raise BundleError(f"{path} is not a readable item table: {error}; {REBUILD}") from error
+    if count != manifest.item_count:
+        raise BundleError(f"{path} has {count} items but the manifest says {manifest.item_count}; {REBUILD}")

@@ -1,0 +1,159 @@
+"""`write_bundle`: build a new bundle version in a hidden scratch folder next to the final one,
+fsync it and rename it into place, so that a crash never leaves a half bundle under a version name;
+then (by default) point `current` at it."""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cbir.bundle.annoy_index import write_annoy
+from cbir.bundle.files import fsync_path, sha256_of
+from cbir.bundle.inputs import BundleInputs, InvalidBundleInput, validate_inputs
+from cbir.bundle.items import write_items
+from cbir.bundle.layout import (
+    FEATURES_FILE,
+    FORMAT_VERSION,
+    INDEX_FILE,
+    ITEMS_FILE,
+    MANIFEST_FILE,
+    PCA_FILE,
+    is_version_name,
+)
+from cbir.bundle.manifest import FileEntry, Manifest, PcaSpec, model_to_dict
+from cbir.bundle.projection import fit_and_save_pca
+from cbir.bundle.search_k import default_search_k
+from cbir.bundle.versions import set_current
+from cbir.pca import Pca
+from cbir.v1 import common_pb2
+
+log = logging.getLogger(__name__)
+
+# Names tried for one second's timestamp (`-01`, `-02`, ...) before giving up.
+_MAX_NAME_ATTEMPTS = 99
+
+
+def write_bundle(
+    root: str | Path,
+    *,
+    ids: Sequence[str],
+    urls: Sequence[str],
+    vectors: np.ndarray,
+    model: common_pb2.ModelInfo,
+    metric: str,
+    trees: int,
+    pca_dimension: int = 0,
+    pca_whiten: bool = False,
+    metadata: Sequence[Mapping[str, Any] | None] | None = None,
+    source: str = "",
+    version: str | None = None,
+    make_current: bool = True,
+) -> Path:
+    """Write a new bundle version under `root` and (by default) point `root/current` at it.
+
+    `vectors` is (n, model.dimension), finite, any float dtype (stored as float32); row i belongs
+    to `ids[i]`/`urls[i]`/`metadata[i]` and gets Annoy id i. `metadata` entries are mappings
+    whose keys and values are stored as strings. With `pca_dimension` > 0 a PCA is fitted to the
+    vectors and the index holds their L2-normalised projections. `version` defaults to the UTC
+    time (`20261124T120501Z`, with `-01`, `-02`, ... when taken); an explicit version must be new.
+    Returns the version folder. Raises `InvalidBundleInput` (a `BundleError` and a `ValueError`)
+    for bad arguments; on any failure nothing is left behind under a version name.
+    """
+    inputs = validate_inputs(ids, urls, vectors, model, metric, trees, pca_dimension, metadata)
+    trees, pca_dimension = int(trees), int(pca_dimension)
+    root = Path(root)
+    _check_new_version(root, version)
+    root.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=".building-", dir=root))
+    try:
+        pca = _write_data_files(scratch, inputs, metric, trees, pca_dimension, bool(pca_whiten))
+        unnamed = Manifest(
+            format_version=FORMAT_VERSION, name=root.resolve().name, version="", created_at="",
+            model=model_to_dict(model), input_dimension=inputs.dimension,
+            index_dimension=pca_dimension or inputs.dimension, metric=metric, trees=trees,
+            item_count=len(inputs.ids), default_search_k=default_search_k(trees, len(inputs.ids)),
+            pca=None if pca is None else PcaSpec(dimension=pca.dimension, whiten=pca.whiten),
+            source=source, files=_file_entries(scratch),
+        )
+        final = _publish(root, scratch, version, unnamed)
+    finally:
+        if scratch.exists():
+            shutil.rmtree(scratch, ignore_errors=True)
+    log.info("wrote bundle %s (%d items, %s, %d trees)", final, len(inputs.ids), metric, trees)
+    if make_current:
+        set_current(root, final.name)
+    return final
+
+
+def _check_new_version(root: Path, version: str | None) -> None:
+    if version is None:
+        return
+    if not is_version_name(version):
+        raise InvalidBundleInput(
+            f"version {version!r} is not a valid name (letters, digits, '.', '_', '-'; not starting with '.')"
+        )
+    if (root / version).exists():
+        raise InvalidBundleInput(f"version {version!r} already exists in {root}; versions are immutable")
+
+
+def _write_data_files(
+    scratch: Path, inputs: BundleInputs, metric: str, trees: int, pca_dimension: int, pca_whiten: bool
+) -> Pca | None:
+    """Features, PCA (when asked), item table and Annoy index into the scratch folder."""
+    np.save(scratch / FEATURES_FILE, inputs.vectors)
+    index_vectors = inputs.vectors
+    pca = None
+    if pca_dimension:
+        pca = fit_and_save_pca(inputs.vectors, pca_dimension, pca_whiten, scratch)
+        index_vectors = pca.transform(inputs.vectors)
+    write_items(scratch / ITEMS_FILE, inputs.ids, inputs.urls, inputs.metadata_rows)
+    write_annoy(scratch / INDEX_FILE, index_vectors, metric, trees)
+    return pca
+
+
+def _file_entries(scratch: Path) -> dict[str, FileEntry]:
+    """Size and sha256 of each data file, each fsynced first."""
+    files = {}
+    for name in (INDEX_FILE, ITEMS_FILE, FEATURES_FILE, PCA_FILE):
+        path = scratch / name
+        if path.exists():
+            fsync_path(path)
+            files[name] = FileEntry(sha256=sha256_of(path), bytes=path.stat().st_size)
+    return files
+
+
+def _publish(root: Path, scratch: Path, version: str | None, unnamed: Manifest) -> Path:
+    """Name the manifest, write it and rename the scratch folder to that name; without an explicit
+    version the name is the UTC time, with a suffix while another writer holds that name."""
+    attempt = 0
+    while True:
+        now = dt.datetime.now(dt.UTC).replace(microsecond=0)
+        name = version or now.strftime("%Y%m%dT%H%M%SZ") + (f"-{attempt:02d}" if attempt else "")
+        manifest_path = scratch / MANIFEST_FILE
+        created_at = now.isoformat().replace("+00:00", "Z")
+        manifest = unnamed.model_copy(update={"version": name, "created_at": created_at})
+        manifest_path.write_text(manifest.to_json(), encoding="utf-8")
+        fsync_path(manifest_path)
+        fsync_path(scratch)
+        final = root / name
+        try:
+            if final.exists():
+                raise FileExistsError(final)
+            os.rename(scratch, final)  # atomic; fails if another writer took the name meanwhile
+            break
+        except OSError:
+            if version is not None:
+                raise InvalidBundleInput(f"version {version!r} already exists in {root}; versions are immutable")
+            attempt += 1
+            if attempt > _MAX_NAME_ATTEMPTS:
+                raise
+    fsync_path(root)
+    return final
