@@ -27,11 +27,6 @@ def percentile(values, q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
-def summary_ms(seconds) -> str:
-    ms = [s * 1e3 for s in seconds]
-    return f"p50 {statistics.median(ms):8.2f} ms  p99 {percentile(ms, 0.99):8.2f} ms"
-
-
 def spread(values) -> str:
     """median [min..max] of repeated measurements."""
     return f"{statistics.median(values):.3f} [{min(values):.3f}..{max(values):.3f}]"

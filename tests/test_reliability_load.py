@@ -7,7 +7,7 @@ no request and change nothing; an indexer or embedder stopped and started again 
 only the requests that needed it, with UNAVAILABLE, and only until it is back. No item is lost.
 
 The long versions (`-m load`: real processes killed with SIGKILL, 20 s per scenario) are what
-docs/notes/reliability.md reports; `.ci/run` does not select them.
+BENCHMARKS.md reports; `.ci/run` does not select them.
 """
 
 from __future__ import annotations

@@ -59,7 +59,7 @@ class Indexer:
         defaults = dict(bundle=root, port=0, metrics_port=None, poll_seconds=0.05, watch_seconds=0.05, max_workers=8,
                         grace_seconds=0)
         self.server = IndexerServer(IndexerSettings(**{**defaults, **settings}))
-        self.server.start()
+        self.server.start_serving()
         self.channel = grpc.insecure_channel(f"127.0.0.1:{self.server.port}")
         self.stub = indexer_pb2_grpc.IndexerStub(self.channel)
         self.health = health_pb2_grpc.HealthStub(self.channel)

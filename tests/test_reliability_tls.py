@@ -28,7 +28,7 @@ from cbir.health import wait_until_serving
 from cbir.settings import ServerSettings
 from services.embedder.server import EmbedderServer
 from services.embedder.settings import EmbedderSettings
-from services.gateway.server import start as start_gateway
+from services.gateway.server import GatewayServer
 from services.gateway.settings import GatewaySettings
 from services.indexer.server import IndexerServer
 from services.indexer.settings import IndexerSettings
@@ -113,13 +113,14 @@ def mtls_stack(pki, random_embedder, bundle):
     embedder.start()
     embedder.load(random_embedder)
     indexer = IndexerServer(IndexerSettings(port=0, metrics_port=None, bundle=bundle.root, **pki.server()))
-    indexer.start()
+    indexer.start_serving()
     wait_until_serving(f"127.0.0.1:{indexer.port}", tls=pki.client())
-    gateway = start_gateway(GatewaySettings(
+    gateway = GatewayServer(GatewaySettings(
         port=0, metrics_port=None, embedder_target=f"127.0.0.1:{embedder.port}",
         indexer_target=f"127.0.0.1:{indexer.port}", upstream_tls_ca=pki.ca.pem,
         upstream_tls_cert=pki.client_cert, upstream_tls_key=pki.client_key, **pki.server(),
     ))
+    gateway.start_serving()
     yield dict(gateway=f"127.0.0.1:{gateway.port}", embedder=f"127.0.0.1:{embedder.port}",
                indexer=f"127.0.0.1:{indexer.port}")
     for server in (gateway, indexer, embedder):
@@ -160,10 +161,11 @@ def test_clients_without_a_valid_certificate_cannot_reach_any_service(pki, mtls_
 def test_a_gateway_without_the_client_certificate_sees_its_upstreams_unreachable(pki, mtls_stack):
     """A second gateway that trusts the CA but has no client certificate: GetStatus reports both upstreams
     UNREACHABLE (handshake refused) and a search fails with UNAVAILABLE naming the embedder."""
-    gateway = start_gateway(GatewaySettings(
+    gateway = GatewayServer(GatewaySettings(
         port=0, metrics_port=None, embedder_target=mtls_stack["embedder"], indexer_target=mtls_stack["indexer"],
         upstream_tls_ca=pki.ca.pem,
     ))
+    gateway.start_serving()
     try:
         with GatewayClient(f"127.0.0.1:{gateway.port}", timeout_s=30) as client:
             status = client.status()
@@ -179,14 +181,15 @@ def test_server_tls_without_client_certificates_and_the_cli(pki, random_embedder
     """TLS without client authentication (tls_cert + tls_key only): `cbir search --tls-ca` reaches a TLS
     gateway in front of plaintext upstreams; without --tls-ca the CLI cannot."""
     indexer = IndexerServer(IndexerSettings(port=0, metrics_port=None, bundle=bundle.root))
-    indexer.start()
+    indexer.start_serving()
     embedder = EmbedderServer(EmbedderSettings(port=0, metrics_port=None, weights="random", random_seed=7))
     embedder.start()
     embedder.load(random_embedder)
-    gateway = start_gateway(GatewaySettings(
+    gateway = GatewayServer(GatewaySettings(
         port=0, metrics_port=None, embedder_target=f"127.0.0.1:{embedder.port}",
         indexer_target=f"127.0.0.1:{indexer.port}", **pki.server(mutual=False),
     ))
+    gateway.start_serving()
     try:
         wait_until_serving(f"127.0.0.1:{indexer.port}")
         image = str(DEMO_PHOTOS / "skimage-coffee.jpg")

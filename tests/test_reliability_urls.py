@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import http.server
 import io
+import sys
 import threading
 import time
 from collections import Counter
@@ -23,10 +24,18 @@ from PIL import Image
 
 from cbir.client import GatewayClient
 from cbir.download import (
-    Downloader, FetchLimits, FetchTimeout, HttpStatus, NetworkError, TooLarge, UrlPolicy, UrlRefused,
-    WrongContentType, parse_url,
+    Downloader,
+    FetchLimits,
+    FetchTimeout,
+    HttpStatus,
+    NetworkError,
+    TooLarge,
+    UrlPolicy,
+    UrlRefused,
+    WrongContentType,
+    parse_url,
 )
-from services.gateway.server import start as start_gateway
+from services.gateway.server import GatewayServer
 from services.gateway.settings import GatewaySettings
 
 DEMO = Path(__file__).resolve().parents[1] / "demo" / "photos"
@@ -37,6 +46,14 @@ def png(rgb=(200, 30, 30), size=32) -> bytes:
     buffer = io.BytesIO()
     Image.new("RGB", (size, size), rgb).save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+class QuietHTTPServer(http.server.ThreadingHTTPServer):
+    """The tests cut connections on purpose (size limits, timeouts): a reset peer is no news."""
+
+    def handle_error(self, request, client_address):
+        if not isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
+            super().handle_error(request, client_address)
 
 
 class ImageServer:
@@ -72,7 +89,7 @@ class ImageServer:
                     with server.lock:
                         server.in_flight -= 1
 
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd = QuietHTTPServer(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
         self.port = self.httpd.server_port
         self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
@@ -328,7 +345,8 @@ def url_gateway(stack):
     def start(**settings) -> GatewayClient:
         defaults = dict(port=0, metrics_port=None, embedder_target=stack.embedder, indexer_target=stack.indexer,
                         url_timeout_s=2.0, url_retries=0)
-        gateway = start_gateway(GatewaySettings(**{**defaults, **settings}))
+        gateway = GatewayServer(GatewaySettings(**{**defaults, **settings}))
+        gateway.start_serving()
         client = GatewayClient(f"127.0.0.1:{gateway.port}", timeout_s=30)
         started.append((gateway, client))
         return client

@@ -2,8 +2,10 @@
 
 The gRPC servicer uses it, and so does `cbir index build` when it embeds in-process. Build one
 with `Embedder.from_settings(settings)`: it resolves the weights, builds the Keras model for the
-feature and describes the result in `.info` (a `cbir.v1.ModelInfo`), whose `fingerprint` is what
-an index bundle records to refuse vectors from a different model.
+feature, compiles it for the inference backend `settings.backend` (`compile_runner`: Keras, or
+ONNX Runtime) and describes the result in `.info` (a `cbir.v1.ModelInfo`), whose `fingerprint` is
+what an index bundle records to refuse vectors from a different model. Both backends give the
+same vectors, so the fingerprint does not depend on the backend.
 """
 
 from __future__ import annotations
@@ -11,7 +13,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
@@ -19,13 +23,13 @@ from cbir import metrics
 from cbir.errors import BadImage
 from cbir.v1 import common_pb2
 from services.embedder import images
+from services.embedder.devices import log_devices
 from services.embedder.model import (
     DIMENSIONS,
     INPUT_SHAPE,
     build_vgg16,
     compile_inference,
     feature_model,
-    log_devices,
     pooling_name,
 )
 from services.embedder.weights import Weights, apply_weights, conv_only, resolve_weights, save_weights
@@ -33,6 +37,23 @@ from services.embedder.weights import Weights, apply_weights, conv_only, resolve
 log = logging.getLogger(__name__)
 
 SERVICE = "embedder"  # the `service` label of cbir_stage_seconds
+BACKENDS = ("keras", "onnx")
+
+Runner = Callable[[np.ndarray], np.ndarray]  # (N, 224, 224, 3) uint8 -> (N, D) float32, callable from any thread
+
+
+def compile_runner(model, backend: Literal["keras", "onnx"] = "keras") -> Runner:
+    """`model` compiled for inference by `backend`: "keras" (a traced TensorFlow function) or "onnx" (ONNX
+    Runtime, exported from the same model and checked against Keras's vectors; `OnnxUnsupported` or
+    RuntimeError when it cannot be used, and then nothing falls back silently)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
+    keras_runner = compile_inference(model)
+    if backend == "keras":
+        return keras_runner
+    from services.embedder.onnx_backend import checked_runner  # optional dependency: onnx, onnxruntime
+
+    return checked_runner(model, reference=keras_runner)
 
 
 def model_info(*, feature: str, weights: Weights, gem_p: float, pooling: str = "gem",
@@ -60,13 +81,14 @@ def model_info(*, feature: str, weights: Weights, gem_p: float, pooling: str = "
 class Embedder:
     """A loaded VGG-16 feature model. `embed_pixels` and `embed_images` may be called from any thread."""
 
-    def __init__(self, *, base, model, info: common_pb2.ModelInfo, preprocessing: str,
+    def __init__(self, *, base, model, info: common_pb2.ModelInfo, preprocessing: str, runner: Runner | None = None,
                  max_batch: int = 32, max_pixels: int = 50_000_000, max_image_bytes: int | None = None):
+        """`runner` runs `model` (see `compile_runner`); None compiles it for Keras."""
         self._base = base
         self.model = model
         self.info = info
         self._preprocessing = preprocessing
-        self._run = compile_inference(model)
+        self.runner = runner if runner is not None else compile_inference(model)
         self.max_batch = max_batch
         self.max_pixels = max_pixels
         self.max_image_bytes = max_image_bytes
@@ -89,15 +111,18 @@ class Embedder:
             info.feature, info.dimension, info.preprocessing,
             f", {info.pooling} pooling" if info.pooling else "", info.fingerprint,
         )
-        embedder = cls(
+        return cls(
             base=base, model=model, info=info, preprocessing=weights.preprocessing,
+            runner=compile_runner(model, settings.backend),  # same vectors (checked), same fingerprint
             max_batch=settings.max_batch, max_pixels=settings.max_pixels, max_image_bytes=settings.max_image_bytes,
         )
-        if getattr(settings, "backend", "keras") == "onnx":
-            from services.embedder.onnx_backend import use_onnx
 
-            use_onnx(embedder)  # same vectors (checked), same fingerprint
-        return embedder
+    def with_runner(self, runner: Runner) -> Embedder:
+        """The same model and info run by `runner` (e.g. `compile_runner(embedder.model, "onnx")`)."""
+        return type(self)(
+            base=self._base, model=self.model, info=self.info, preprocessing=self._preprocessing, runner=runner,
+            max_batch=self.max_batch, max_pixels=self.max_pixels, max_image_bytes=self.max_image_bytes,
+        )
 
     @property
     def dimension(self) -> int:
@@ -118,7 +143,7 @@ class Embedder:
         parts = []
         for start in range(0, len(batch), self.max_batch):
             with metrics.stage(SERVICE, "model"):
-                parts.append(self._run(batch[start:start + self.max_batch]))
+                parts.append(self.runner(batch[start:start + self.max_batch]))
         return np.concatenate(parts).astype(np.float32, copy=False)
 
     def embed_images(self, encoded: list[bytes]) -> list[np.ndarray | BadImage]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import logging
+import re
 
 import numpy as np
 from PIL import ExifTags, Image
@@ -40,18 +41,20 @@ def load_image(data: bytes, *, max_pixels: int, max_bytes: int | None = None) ->
     (GIF, TIFF, ...) use their first frame. Raises `BadImage` with a reason a person can act on.
     """
     if not data:
-        raise BadImage("empty image: 0 bytes")
+        raise BadImage("the image is empty (0 bytes)")
     if max_bytes is not None and len(data) > max_bytes:
         raise BadImage(f"image is {len(data)} bytes, more than the limit of {max_bytes} bytes")
     try:
         image = Image.open(io.BytesIO(data))
-    except Image.DecompressionBombError as error:  # Pillow's own guard, for sizes far above its limit
+    except Image.DecompressionBombError:  # Pillow's own guard, for sizes far above its limit
         raise BadImage(
-            f"image has too many pixels (the limit is {max_pixels:,}); refused as a possible "
-            f"decompression bomb: {error}"
+            f"image has too many pixels (the limit is {max_pixels:,}); refused as a possible decompression bomb"
         ) from None
     except Exception as error:  # UnidentifiedImageError and friends: whatever Pillow cannot parse
-        raise BadImage(f"not an image Pillow can read ({len(data)} bytes): {_reason(error)}") from None
+        log.debug("Pillow cannot open %d bytes: %r", len(data), error)
+        raise BadImage(
+            f"the data ({len(data):,} bytes) is not an image Pillow can read (JPEG, PNG, WebP, GIF, BMP, TIFF)"
+        ) from None
     with image:
         width, height = image.size
         if width * height > max_pixels:
@@ -64,13 +67,15 @@ def load_image(data: bytes, *, max_pixels: int, max_bytes: int | None = None) ->
             image.draft("RGB", (SIZE, SIZE))
             image.load()
         except Exception as error:  # truncated or corrupt data
-            raise BadImage(f"corrupt or truncated {image.format or 'image'} data: {_reason(error)}") from None
+            raise BadImage(f"the {image.format or 'image'} data is corrupt or truncated{_reason(error)}") from None
         try:
             return _to_array(image)
         except BadImage:
             raise
         except Exception as error:
-            raise BadImage(f"cannot convert the {image.format} image (mode {image.mode}): {_reason(error)}") from None
+            raise BadImage(
+                f"the {image.format or 'image'} image (mode {image.mode}) cannot be converted to RGB{_reason(error)}"
+            ) from None
 
 
 def _to_array(image: Image.Image) -> np.ndarray:
@@ -124,6 +129,12 @@ def _gray_to_uint8(values: np.ndarray, mode: str) -> np.ndarray:
     return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
 
 
+_REPR = re.compile(r"<[^<>]*>|\b0x[0-9a-fA-F]+\b")  # <_io.BytesIO object at 0x7f...>, bare addresses
+
+
 def _reason(error: Exception) -> str:
-    text = str(error).strip()
-    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+    """": <Pillow's explanation>" for a BadImage message, as plain text: object reprs and addresses are
+    left out (they mean nothing to the sender), and so is the explanation when nothing else is left."""
+    log.debug("image decoding failed: %r", error)
+    text = " ".join(_REPR.sub("", str(error)).split()).strip(" :;,.")
+    return f": {text}" if text and any(c.isalpha() for c in text) else ""

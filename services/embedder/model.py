@@ -167,11 +167,3 @@ def compile_inference(model: keras.Model):
 
     return run
 
-
-def log_devices() -> None:
-    gpus = tf.config.list_physical_devices("GPU")
-    if gpus:
-        log.info("TensorFlow sees %d GPU(s): %s; the model runs there", len(gpus), ", ".join(g.name for g in gpus))
-    else:
-        log.info("TensorFlow sees no GPU; the model runs on the CPU (%s)", ", ".join(
-            d.name for d in tf.config.list_physical_devices("CPU")))

@@ -6,7 +6,7 @@ Runtime, which is faster on CPU than Keras/TensorFlow for VGG-16 (measured in
 `benchmarks/embedder_throughput.py`; see docs/notes/performance.md). On a host with a GPU and the
 `onnxruntime-gpu` package, the CUDA provider is used.
 
-Vectors stay equivalent: at load, `use_onnx` runs a fixed check batch through both and refuses
+Vectors stay equivalent: at load, `checked_runner` runs a fixed check batch through both and refuses
 the ONNX model unless every vector has cosine >= `MIN_COSINE` (0.9999) with Keras's. The model
 fingerprint is therefore unchanged: bundles built with one backend serve queries from the other.
 
@@ -194,16 +194,16 @@ def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-30)
 
 
-def use_onnx(embedder, *, pixels: np.ndarray | None = None) -> OnnxRunner:
-    """Switch `embedder` to ONNX Runtime after checking it gives Keras's vectors (cosine >= MIN_COSINE).
+def checked_runner(model, *, reference, pixels: np.ndarray | None = None) -> OnnxRunner:
+    """An `OnnxRunner` for `model`, checked to give the vectors of `reference` (the Keras runner of the same
+    model): every vector of a fixed check batch must have cosine >= MIN_COSINE with Keras's.
 
-    Raises `OnnxUnsupported` for a model it cannot translate and RuntimeError when the vectors
-    differ; in both cases the embedder is left on Keras.
+    Raises `OnnxUnsupported` for a model it cannot translate and RuntimeError when the vectors differ.
     """
     start = time.perf_counter()
-    runner = OnnxRunner(export_onnx(embedder.model))
+    runner = OnnxRunner(export_onnx(model))
     pixels = check_batch() if pixels is None else pixels
-    expected = embedder._run(pixels)
+    expected = reference(pixels)
     got = runner(pixels)
     worst = float(cosines(expected, got).min()) if np.abs(expected).sum() else 1.0
     if got.shape != expected.shape or worst < MIN_COSINE:
@@ -211,8 +211,6 @@ def use_onnx(embedder, *, pixels: np.ndarray | None = None) -> OnnxRunner:
             f"the ONNX model's vectors differ from Keras's (lowest cosine {worst:.6f} < {MIN_COSINE}); "
             f"use CBIR_EMBEDDER_BACKEND=keras"
         )
-    embedder._run = runner
-    embedder.backend = f"onnx ({', '.join(runner.providers)})"
     log.info("embedder backend: ONNX Runtime %s, exported and checked against Keras in %.1f s (lowest cosine %.7f)",
              runner.providers, time.perf_counter() - start, worst)
     return runner

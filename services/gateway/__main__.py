@@ -16,12 +16,7 @@ def main() -> int:
     except ValidationError as error:
         print(f"gateway: bad settings (CBIR_GATEWAY_* variables):\n{error}", file=sys.stderr)
         return 2
-    try:
-        serve(settings)
-    except OSError as error:
-        print(f"gateway: {error}", file=sys.stderr)
-        return 1
-    return 0
+    return serve(settings)
 
 
 if __name__ == "__main__":
