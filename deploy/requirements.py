@@ -35,7 +35,7 @@ SERVICES: dict[str, list[str]] = {
     # The Annoy bundle; and `cbir index build --embedder ...` (the one-shot build job), which embeds
     # through the embedder service and decodes images with Pillow only to check them.
     "indexer": COMMON + ["annoy", "numpy", "pillow", "tqdm", "urllib3"],
-    # SearchByUrl downloads images with cbir.ingest.fetch (urllib3).
+    # SearchByUrl downloads images with cbir.download (urllib3).
     "gateway": COMMON + ["urllib3"],
     "ui": COMMON + ["gradio", "pillow"],
 }

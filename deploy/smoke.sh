@@ -86,12 +86,29 @@ wait_for() {  # SECONDS DESCRIPTION COMMAND...: retry COMMAND every 3 s until it
   ok "$what ($(( SECONDS - start )) s)"
 }
 
-remove_stack() {  # every container of the project (podman-compose 1.x `down` leaves replicas 2..N), its network
+VOLUMES=(weights bundles prometheus grafana)   # docker-compose.yml's named volumes
+POD="pod_$PROJECT"   # podman-compose 1.x puts the project's containers in this pod; its `down` leaves it
+
+remove_stack() {  # every container of the project (podman-compose 1.x `down` leaves replicas 2..N), its pod, its network
   compose down -t 5 >/dev/null 2>&1 || true
   local left
   left=$($ENGINE ps -aq --filter "label=com.docker.compose.project=$PROJECT")
   [[ -z $left ]] || $ENGINE rm -f -t 5 $left >/dev/null 2>&1 || true
+  if [[ $ENGINE == podman ]]; then $ENGINE pod rm -f "$POD" >/dev/null 2>&1 || true; fi
   $ENGINE network rm -f "${PROJECT}_default" >/dev/null 2>&1 || true
+}
+
+removal_command() {  # what removes a --keep stack for good: containers, pod, network, volumes
+  if [[ $ENGINE == podman ]]; then
+    # podman-compose 1.x `down -v` stops at replicas 2..N (and so cannot remove the network or the
+    # volumes they use) and leaves the pod: remove those by label and by name.
+    printf '%s -p %s down -v -t 5; ' "$COMPOSE" "$PROJECT"
+    printf 'podman rm -f -t 5 $(podman ps -aq --filter label=com.docker.compose.project=%s); ' "$PROJECT"
+    printf 'podman pod rm -f %s; podman network rm -f %s_default; ' "$POD" "$PROJECT"
+    printf 'podman volume rm -f'; printf " ${PROJECT}_%s" "${VOLUMES[@]}"; printf '\n'
+  else
+    printf '%s -p %s down -v --remove-orphans\n' "$COMPOSE" "$PROJECT"
+  fi
 }
 
 PASSED=0
@@ -99,7 +116,8 @@ teardown() {
   local status=$?
   (( PASSED )) || (( status != 0 )) || status=1   # interrupted
   if (( KEEP )); then
-    echo "stack left running (--keep): $COMPOSE -p $PROJECT down -v   to remove it"
+    echo "stack left running (--keep); to remove it (containers, pod, network, volumes):"
+    echo "  $(removal_command)"
   else
     step "teardown"
     if (( status != 0 )); then
@@ -110,10 +128,13 @@ teardown() {
     fi
     remove_stack
     # Keep the weights volume: the next run reuses the fetched weights.
-    for volume in bundles prometheus grafana; do
-      $ENGINE volume rm -f "${PROJECT}_${volume}" >/dev/null 2>&1 || true
+    for volume in "${VOLUMES[@]}"; do
+      [[ $volume == weights ]] || $ENGINE volume rm -f "${PROJECT}_${volume}" >/dev/null 2>&1 || true
     done
-    ok "containers and volumes removed (kept ${PROJECT}_weights)"
+    left=$($ENGINE ps -aq --filter "label=com.docker.compose.project=$PROJECT" 2>/dev/null || true)
+    if [[ $ENGINE == podman ]] && $ENGINE pod exists "$POD" 2>/dev/null; then left+=" pod $POD"; fi
+    [[ -z ${left// /} ]] || echo "WARNING: left behind: $left" >&2
+    ok "containers, pod, network and volumes removed (kept ${PROJECT}_weights)"
   fi
   rm -rf "$WORK"
   printf '\n%s after %s s\n' "$( ((status == 0)) && echo 'SMOKE PASSED' || echo 'SMOKE FAILED')" "$SECONDS"
@@ -130,11 +151,13 @@ for port in "$CBIR_GATEWAY_PORT" "$CBIR_GATEWAY_METRICS_PORT" "$CBIR_UI_PORT" "$
 done
 remove_stack   # leftovers of an interrupted run
 trap teardown EXIT
-ok "$($ENGINE --version), $($COMPOSE version 2>/dev/null | tail -n1), project $PROJECT, $EMBEDDERS embedder replicas"
+# `podman-compose version` prints its own version, then podman's (the last line): take its own.
+compose_version=$($COMPOSE version 2>/dev/null | grep -i -m1 'compose' || true)
+ok "$($ENGINE --version), ${compose_version:-$COMPOSE (version unknown)}, project $PROJECT, $EMBEDDERS embedder replicas"
 
 # ------------------------------------------------------------------------------------ images
 if (( BUILD )); then
-  step "build the images (docker-compose.yml build sections, deploy/*/Dockerfile)"
+  step "build the images (docker-compose.yml build sections: deploy/Dockerfile, one target per service)"
   # One service per image, one at a time (weights and indexer-build reuse the embedder and indexer
   # images; building them in parallel would install TensorFlow twice on a small machine).
   for service in embedder indexer gateway ui; do

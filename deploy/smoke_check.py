@@ -232,6 +232,14 @@ def expressions() -> list[tuple[str, str]]:
     return found
 
 
+def embed_calls_per_replica(url: str) -> list[tuple[dict, float]]:
+    return prom_value(url, 'sum by (instance) (cbir_grpc_server_handled_total{job="embedder", grpc_method="Embed"})')
+
+
+def _per_replica_text(per_replica: list[tuple[dict, float]]) -> str:
+    return ", ".join(f"{m['instance']}={int(v)}" for m, v in sorted(per_replica, key=lambda x: x[0]["instance"])) or "none"
+
+
 def cmd_prometheus(args) -> None:
     expected = {job: int(n) for job, n in (item.split("=") for item in args.expect_targets)}
     deadline = time.monotonic() + args.wait
@@ -276,11 +284,18 @@ def cmd_prometheus(args) -> None:
     ok(f"Prometheus recorded {searches} gateway SearchByImage latencies: "
        + ", ".join(f"{k} <= {v} ms" for k, v in quantiles.items()) + " (histogram bucket bounds)")
     print(f"  stage p50 (ms, bucket bounds): {stage_text}")
-    per_replica = prom_value(args.url, 'sum by (instance) (cbir_grpc_server_handled_total{job="embedder", grpc_method="Embed"})')
-    print("  Prometheus: Embed RPCs per embedder instance: "
-          + ", ".join(f"{m['instance']}={int(v)}" for m, v in sorted(per_replica, key=lambda x: x[0]["instance"])))
-    if len(per_replica) < expected.get("embedder", 0) or any(v == 0 for _, v in per_replica):
-        fail("Prometheus does not show Embed requests on every embedder replica")
+    # Embed calls per replica. The newest replica may have had its first calls seconds ago, before
+    # Prometheus' next scrape (every 10 s): poll within --wait rather than look once.
+    deadline = time.monotonic() + args.wait
+    while True:
+        per_replica = embed_calls_per_replica(args.url)
+        if len(per_replica) >= expected.get("embedder", 0) and all(v > 0 for _, v in per_replica):
+            break
+        if time.monotonic() > deadline:
+            print("  Prometheus: Embed RPCs per embedder instance: " + _per_replica_text(per_replica))
+            fail(f"Prometheus does not show Embed requests on every embedder replica within {args.wait:g} s")
+        time.sleep(3)
+    print("  Prometheus: Embed RPCs per embedder instance: " + _per_replica_text(per_replica))
 
     # Every dashboard panel and alert rule is valid PromQL for this Prometheus, and the ones that
     # should have data by now do.

@@ -141,58 +141,112 @@ def test_gpu_override_reserves_a_gpu_and_builds_tensorflow_with_cuda():
     assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"]
 
 
-# ----------------------------------------------------------------------------------- Dockerfiles
-def _stages(service: str) -> list[str]:
-    text = (DEPLOY / service / "Dockerfile").read_text()
-    text = re.sub(r"\\\n", " ", text)  # join continuation lines
-    return re.split(r"^FROM ", text, flags=re.M)[1:]
+# ----------------------------------------------------------------------------------- Dockerfile
+DOCKERFILE = DEPLOY / "Dockerfile"
+
+
+def _stages() -> dict[str, str]:
+    """Stage name -> its instructions (from its FROM line on), continuation lines joined, comments
+    and blank lines left out."""
+    lines = [line for line in DOCKERFILE.read_text().splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    text = re.sub(r"\\\n", " ", "\n".join(lines) + "\n")
+    stages = {}
+    for stage in re.split(r"^FROM ", text, flags=re.M)[1:]:
+        head = stage.split("\n", 1)[0]
+        match = re.fullmatch(r"(\S+) AS (\S+)", head.strip())
+        assert match, f"unnamed stage: FROM {head}"
+        stages[match.group(2)] = stage
+    return stages
+
+
+def test_one_dockerfile_with_a_target_per_service_and_no_copied_stages():
+    """One multi-stage deploy/Dockerfile (no per-service Dockerfiles any more): shared stages
+    written once (requirements, builder, code, runtime), a small deps stage and a final target per
+    service; build tools, the user and the code build appear once in the whole file."""
+    assert not list(DEPLOY.glob("*/Dockerfile")), "per-service Dockerfiles are back"
+    stages = _stages()
+    assert list(stages) == ["requirements", "builder", *(f"deps-{s}" for s in SERVICES), "code", "runtime", *SERVICES]
+    text = "\n".join(line for line in DOCKERFILE.read_text().splitlines() if not line.lstrip().startswith("#"))
+    for once in ("apt-get update", "useradd", "python3 -m venv", "pip wheel", "COPY cbir ", "ENTRYPOINT"):
+        assert text.count(once) == 1, once
+    for name, stage in stages.items():
+        assert stage.startswith(("python:3.11-slim AS", "builder AS", "runtime AS")), name
+    for service in SERVICES:  # the per-service stages differ in their names only or are short
+        assert len(stages[f"deps-{service}"].strip().splitlines()) == 3
+        assert stages[f"deps-{service}"].replace(f"-{service}", "-X") == stages["deps-embedder"].replace("-embedder", "-X")
+    assert "--tensorflow-extras \"${TENSORFLOW_EXTRAS}\"" in stages["requirements"]
+    # compose builds each image from this file's target of the same name
+    for name, service in compose()["services"].items():
+        if "build" in service:
+            target = service["build"]["target"]
+            assert service["build"]["dockerfile"] == "deploy/Dockerfile" and service["build"]["context"] == "."
+            assert service["image"].startswith(f"${{CBIR_IMAGE_PREFIX:-cbir}}-{target}:"), name
 
 
 @pytest.mark.parametrize("service", SERVICES)
-def test_dockerfile_is_multi_stage_slim_non_root_with_a_grpc_health_check(service):
-    """The issue's image rules, per Dockerfile: a builder stage and a final python:3.11-slim stage
-    that runs as a numeric non-root user, installs no build tools, sets PYTHONUNBUFFERED, and checks
+def test_dockerfile_target_is_slim_non_root_with_a_grpc_health_check(service):
+    """The image rules, per target: built on the python:3.11-slim runtime stage (the non-root user
+    10001, PYTHONUNBUFFERED, `cbir` as entry point), no build tools, runs as uid 10001, and checks
     health with `cbir health` (gRPC health protocol; the UI: its page) on the port it listens on."""
-    stages = _stages(service)
-    assert [stage.split("\n", 1)[0] for stage in stages] == [
-        "python:3.11-slim AS requirements", "python:3.11-slim AS builder", "python:3.11-slim"]
-    final = stages[-1]
-    assert final.startswith("python:3.11-slim\n")
-    assert "apt-get" not in final and "g++" not in final and "build-essential" not in final
+    stages = _stages()
+    runtime, final = stages["runtime"], stages[service]
+    assert runtime.startswith("python:3.11-slim AS runtime\n")
+    assert "--uid 10001 --gid 10001" in runtime and "PYTHONUNBUFFERED=1" in runtime
+    assert re.search(r'^ENTRYPOINT \["cbir"\]$', runtime, re.M)
+    assert final.startswith(f"runtime AS {service}\n")
+    for tool in ("apt-get", "g++", "build-essential", "pip install"):
+        assert tool not in final and tool not in runtime, tool
     assert re.search(r"^USER 10001:10001$", final, re.M)
-    assert "PYTHONUNBUFFERED=1" in final
-    # The dependencies' venv and the code's wheel are separate layers: a code change leaves the first.
-    assert "COPY --from=builder /opt/venv /opt/venv" in final
-    assert final.index("COPY --from=builder /opt/venv") < final.index("/opt/venv/bin/pip install --no-deps --no-index")
+    # The dependencies' venv and the code are separate layers: a code change leaves the first.
+    deps, code = f"COPY --from=deps-{service} /opt/venv /opt/venv", "COPY --from=code /opt/cbir /opt/cbir"
+    assert deps in final and code in final and final.index(deps) < final.index(code)
+    assert "/opt/cbir/bin" in runtime.split("ENV PATH=", 1)[1].split()[0]  # where the `cbir` script is
     healthcheck = re.search(r"^HEALTHCHECK .* CMD (.+)$", final, re.M)
     assert healthcheck, "no HEALTHCHECK"
     prefix = f"CBIR_{service.upper()}_PORT"
     assert re.search(rf"{prefix}=\d+", final)
     if service == "ui":
-        assert healthcheck.group(1).startswith('cbir health --quiet --timeout 4 "http://127.0.0.1:${CBIR_UI_PORT}/"')
+        assert healthcheck.group(1) == 'cbir health --quiet --timeout 4 "http://127.0.0.1:${CBIR_UI_PORT}/"'
     else:
         assert healthcheck.group(1) == f'cbir health --quiet --timeout 4 "127.0.0.1:${{{prefix}}}"'
         assert f"{prefix}={GRPC_PORTS[service]}" in final
-    assert re.search(r'^ENTRYPOINT \["cbir"\]$', final, re.M)
     assert f'CMD ["serve", "{service}"]' in final
+
+
+def test_dockerfile_documents_the_health_checks_tls_variables():
+    """With TLS the HEALTHCHECK command stays the same: `cbir health` reads CBIR_HEALTH_TLS_*;
+    the Dockerfile, compose file and Kubernetes notes say so."""
+    names = ["CBIR_HEALTH_TLS_CA", "CBIR_HEALTH_TLS_CERT", "CBIR_HEALTH_TLS_KEY", "CBIR_HEALTH_TLS_SERVER_NAME"]
+    for path in (DOCKERFILE, ROOT / "docker-compose.yml", DEPLOY / "k8s" / "kustomization.yaml"):
+        text = path.read_text()
+        assert all(name in text for name in names), path
 
 
 @pytest.mark.parametrize("service", SERVICES)
 def test_dockerfile_installs_dependencies_before_copying_the_code(service):
-    """Layer caching: a code change must not reinstall TensorFlow. The requirement list is made in
-    its own stage so that pyproject changes outside this image's share do not either."""
-    text = (DEPLOY / service / "Dockerfile").read_text()
-    install = text.index("pip install -r")
-    for code in ("COPY cbir ", "COPY services ", "COPY ui "):
-        assert text.index(code) > install, code
-    assert f"requirements.py {service}" in text
+    """Layer caching: a code change must not reinstall TensorFlow. Each image's requirement list
+    is made from pyproject.toml by deploy/requirements.py; the install stage sees only that list,
+    so pyproject changes outside the image's share leave it cached. The code stage copies every
+    package the `cbir` command needs (apps/ too: its entry point is apps.cli:main)."""
+    stages = _stages()
+    deps = stages[f"deps-{service}"]
+    assert f"COPY --from=requirements /requirements-{service}.txt /requirements.txt" in deps
+    assert "RUN pip install -r /requirements.txt" in deps and "COPY cbir" not in deps
+    assert "requirements.py \"$service\"" in stages["requirements"] and service in stages["requirements"]
+    code = stages["code"]
+    for package in ("cbir", "services", "ui", "apps"):
+        assert f"COPY {package} /src/{package}" in code, package
+    assert "--target /opt/cbir" in code
 
 
 def test_dockerignore_keeps_photos_bundles_and_the_venv_out_of_the_context():
     lines = (ROOT / ".dockerignore").read_text().splitlines()
     assert [line for line in lines if line and not line.startswith("#")][0] == "*"  # nothing unless listed
     allowed = {line[1:].rstrip("/") for line in lines if line.startswith("!")}
-    assert allowed == {"pyproject.toml", "README.md", "deploy/requirements.py", "cbir", "services", "ui"}
+    assert allowed == {"pyproject.toml", "README.md", "deploy/requirements.py", "cbir", "services", "ui", "apps"}
+    code = _stages()["code"]
+    copied = set(re.findall(r"^COPY (?!--from)(.+) \S+$", code + _stages()["requirements"], re.M))
+    assert {part for line in copied for part in line.split()} <= allowed | {"deploy/requirements.py"}
 
 
 # ----------------------------------------------------------------------------------- requirements
@@ -219,12 +273,12 @@ def test_image_requirements_refuse_a_name_pyproject_does_not_pin(tmp_path):
 # What each image runs: its service, the CLI (entrypoint, health check), and for the indexer image
 # the one-shot index build through the embedder service.
 IMAGE_MODULES = {
-    "embedder": ["services.embedder.server", "services.embedder.model", "services.embedder.weights", "cbir.cli",
-                 "cbir.healthcheck", "cbir.ingest.build", "cbir.ingest.embedding"],
-    "indexer": ["services.indexer.server", "cbir.cli", "cbir.healthcheck", "cbir.ingest.build",
-                "cbir.ingest.embedding", "services.embedder.images"],
-    "gateway": ["services.gateway.server", "cbir.cli", "cbir.healthcheck", "cbir.client"],
-    "ui": ["ui.server", "ui.app", "ui.media", "cbir.cli", "cbir.healthcheck", "fastapi", "PIL.Image"],
+    "embedder": ["services.embedder.server", "services.embedder.model", "services.embedder.weights", "apps.cli",
+                 "cbir.health", "apps.ingest.build", "apps.ingest.embedding"],
+    "indexer": ["services.indexer.server", "apps.cli", "cbir.health", "apps.ingest.build",
+                "apps.ingest.embedding", "services.embedder.images"],
+    "gateway": ["services.gateway.server", "apps.cli", "cbir.health", "cbir.client"],
+    "ui": ["ui.server", "ui.app", "ui.media", "apps.cli", "cbir.health", "fastapi", "PIL.Image"],
 }
 
 
@@ -422,7 +476,7 @@ def grpc_service():
 
 
 def _health(*args) -> tuple[int, str]:
-    from cbir.cli import main
+    from apps.cli import main
 
     result = CliRunner().invoke(main, ["health", *args])
     return result.exit_code, result.output
@@ -505,3 +559,79 @@ def test_max_connection_age_ends_client_connections_so_they_resolve_again():
         channel.unsubscribe(watch)
         channel.close()
         service.stop(0)
+
+
+# ----------------------------------------------------------------------------------- smoke script
+def test_smoke_script_parses_and_names_the_one_dockerfile():
+    subprocess.run(["bash", "-n", str(DEPLOY / "smoke.sh")], check=True)
+    text = (DEPLOY / "smoke.sh").read_text()
+    assert "deploy/*/Dockerfile" not in text and "deploy/Dockerfile" in text
+    # podman-compose `version` prints its own version, then podman's: not the last line
+    assert "version 2>/dev/null | tail -n1" not in text and "grep -i -m1 'compose'" in text
+
+
+def _smoke_function(engine: str, name: str) -> str:
+    """Runs one of smoke.sh's shell functions (with its VOLUMES/POD settings) and returns its output."""
+    text = (DEPLOY / "smoke.sh").read_text()
+    settings = "\n".join(line for line in text.splitlines() if line.startswith(("VOLUMES=", "POD=")))
+    body = re.search(rf"^{name}\(\) {{.*?^}}$", text, re.S | re.M).group(0)
+    script = f"ENGINE={engine}\nCOMPOSE='{'podman-compose' if engine == 'podman' else 'docker compose'}'\n" \
+             f"PROJECT=cbir-smoke\n{settings}\n{body}\n{name}\n"
+    return subprocess.run(["bash", "-c", script], check=True, capture_output=True, text=True).stdout
+
+
+def test_smoke_keep_hint_and_teardown_remove_everything_on_podman():
+    """The --keep hint removes what podman-compose 1.x `down -v` leaves (replicas 2..N, the pod,
+    the network, the volumes); the teardown removes the pod too."""
+    hint = _smoke_function("podman", "removal_command")
+    assert hint.startswith("podman-compose -p cbir-smoke down -v")
+    assert "podman rm -f -t 5 $(podman ps -aq --filter label=com.docker.compose.project=cbir-smoke)" in hint
+    assert "podman pod rm -f pod_cbir-smoke" in hint and "podman network rm -f cbir-smoke_default" in hint
+    assert hint.rstrip().endswith("podman volume rm -f cbir-smoke_weights cbir-smoke_bundles "
+                                  "cbir-smoke_prometheus cbir-smoke_grafana")
+    assert set(compose()["volumes"]) == {"weights", "bundles", "prometheus", "grafana"}
+    assert _smoke_function("docker", "removal_command").strip() == "docker compose -p cbir-smoke down -v --remove-orphans"
+    teardown = re.search(r"^remove_stack\(\) {.*?^}$", (DEPLOY / "smoke.sh").read_text(), re.S | re.M).group(0)
+    assert 'pod rm -f "$POD"' in teardown
+
+
+def test_smoke_check_waits_for_prometheus_to_scrape_the_newest_replica(monkeypatch, capsys):
+    """The newest embedder replica gets its first Embed calls seconds before the check; Prometheus
+    (10 s scrapes) shows them only later: the check polls within --wait instead of failing at once."""
+    sys.path.insert(0, str(DEPLOY))
+    import smoke_check
+
+    scrapes = {"count": 0}
+
+    def prom_get(url, path, **params):
+        if path == "/api/v1/targets":
+            return {"activeTargets": [{"labels": {"job": "embedder", "instance": f"e{i}:9101"}, "health": "up"}
+                                      for i in (1, 2)]}
+        if path == "/api/v1/rules":
+            return {"groups": []}
+        if path == "/api/v1/alerts":
+            return {"alerts": []}
+        query = params.get("query", "")
+        if 'grpc_method="Embed"' in query and "sum by (instance)" in query:
+            scrapes["count"] += 1
+            newest = 0 if scrapes["count"] < 3 else 4  # scraped on the third look
+            return {"result": [{"metric": {"instance": "e1:9101"}, "value": [0, "50"]},
+                               {"metric": {"instance": "e2:9101"}, "value": [0, str(newest)]}]}
+        if "handling_seconds_count" in query:
+            return {"result": [{"metric": {}, "value": [0, "60"]}]}
+        return {"result": []}
+
+    monkeypatch.setattr(smoke_check, "prom_get", prom_get)
+    monkeypatch.setattr(smoke_check.time, "sleep", lambda s: None)
+    monkeypatch.setattr(smoke_check, "expressions", lambda: [])
+    args = type("Args", (), dict(url="http://prom", expect_targets=["embedder=2"], min_searches=30, wait=60))()
+    smoke_check.cmd_prometheus(args)
+    assert scrapes["count"] == 3
+    assert "e1:9101=50, e2:9101=4" in capsys.readouterr().out
+
+    scrapes["count"] = -1000  # never scraped within the wait: a clear failure, not a hang
+    clock = iter(range(0, 10_000, 5))
+    monkeypatch.setattr(smoke_check.time, "monotonic", lambda: next(clock))
+    with pytest.raises(SystemExit):
+        smoke_check.cmd_prometheus(args)
+    assert "does not show Embed requests on every embedder replica within 60 s" in capsys.readouterr().out

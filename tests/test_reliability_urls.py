@@ -481,7 +481,7 @@ def test_the_ui_url_box_searches_through_the_gateway_and_shows_its_refusals(url_
     from ui.media import MediaPolicy
 
     client = url_gateway(url_allow_networks=["127.0.0.1/32"])
-    handlers = SearchHandlers(client, MediaPolicy([]), default_k=3, max_k=10, max_upload_bytes=1 << 20,
+    handlers = SearchHandlers(client, MediaPolicy([]), max_upload_bytes=1 << 20,
                               gateway_target="gw", timeout_s=30)
     view = handlers.search_url(image_server.url("/img/photo.jpg"), k=3)
     assert view.ok and view.item_ids[0] == "skimage-coffee.jpg" and len(view.item_ids) == 3

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from cbir.v1 import common_pb2, gateway_pb2
-from ui.handlers import SearchHandlers, caption, format_status
+from ui.handlers import UNKNOWN_LIMITS, KLimits, SearchHandlers, caption, format_status
 from ui.media import MediaPolicy
 from ui.settings import UiSettings
 
@@ -57,8 +57,9 @@ class RpcError(grpc.RpcError):
 class FakeGateway:
     """Answers like the gateway: from canned responses, or by raising a given error."""
 
-    def __init__(self, hits=(), error: Exception | None = None):
+    def __init__(self, hits=(), error: Exception | None = None, default_k=20, max_k=50):
         self.hits, self.error, self.calls = list(hits), error, []
+        self.default_k, self.max_k = default_k, max_k
 
     def _answer(self, response_type, call):
         self.calls.append(call)
@@ -84,12 +85,12 @@ class FakeGateway:
                                        fingerprint="0123456789abcdef0123", pooling="gem(p=3)"),
             index=common_pb2.IndexInfo(item_count=12345, dimension=512, input_dimension=512, metric="angular",
                                        trees=30, bundle_version="20250101-000000"),
-            compatible=True,
+            compatible=True, default_k=self.default_k, max_k=self.max_k,
         )
 
 
 def _handlers(client, policy, **kwargs) -> SearchHandlers:
-    options = dict(default_k=12, max_k=100, max_upload_bytes=1 << 20, gateway_target="gw:50050", timeout_s=60.0)
+    options = dict(max_upload_bytes=1 << 20, gateway_target="gw:50050", timeout_s=60.0)
     options.update(kwargs)
     return SearchHandlers(client, policy, **options)
 
@@ -101,10 +102,11 @@ def _hit(item_id, url, score, distance=0.1):
 # ----------------------------------------------------------------------------------- settings
 def test_settings_defaults_and_environment(monkeypatch, tmp_path):
     """Defaults run the local demo; CBIR_UI_* variables override them, media roots given as a
-    path list or JSON, resolved to absolute paths; default_k above max_k is refused."""
+    path list or JSON, resolved to absolute paths. k is the gateway's: the UI has no k settings."""
     settings = UiSettings()
     assert (settings.host, settings.port, settings.gateway_target) == ("127.0.0.1", 7860, "127.0.0.1:50050")
-    assert (settings.default_k, settings.max_k, settings.media_roots, settings.request_timeout_s) == (12, 100, [], 60.0)
+    assert (settings.media_roots, settings.request_timeout_s) == ([], 60.0)
+    assert not {"default_k", "max_k"} & set(UiSettings.model_fields)
 
     a, b = tmp_path / "a", tmp_path / "b"
     monkeypatch.setenv("CBIR_UI_MEDIA_ROOTS", f"{a}{os.pathsep}{b}")
@@ -114,8 +116,8 @@ def test_settings_defaults_and_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("CBIR_UI_MEDIA_ROOTS", f'["{a}"]')
     assert UiSettings().media_roots == [a.resolve()]
     assert UiSettings(media_roots=(a, b)).media_roots == [a.resolve(), b.resolve()]  # what the CLI passes
-    with pytest.raises(ValueError, match="default_k"):
-        UiSettings(default_k=50, max_k=10)
+    with pytest.raises(ValueError):
+        UiSettings(max_k=10)  # unknown settings are refused
 
 
 # ----------------------------------------------------------------------------------- media
@@ -167,7 +169,7 @@ def test_media_http_urls_go_to_the_browser_unchanged_and_no_roots_means_no_local
 
 # ----------------------------------------------------------------------------------- handlers
 def test_search_results_become_gallery_items_with_captions(media, tmp_path):
-    """A gateway answer becomes (image, '#rank · item_id · score 0.973') pairs in rank order: local
+    """A gateway answer becomes (image, '#rank · 0.973 · item_id') pairs in rank order: local
     files as real paths, http URLs as they are, and a placeholder for what cannot be shown."""
     hits = [_hit("cat-1", media["inside"].as_uri(), 0.9734),
             _hit("web-2", "https://example.org/dog.jpg", 0.5),
@@ -178,7 +180,7 @@ def test_search_results_become_gallery_items_with_captions(media, tmp_path):
 
     assert view.ok and view.item_ids == ["cat-1", "web-2", "gone-3"]
     assert [text for _, text in view.gallery] == [
-        "#1 · cat-1 · score 0.973", "#2 · web-2 · score 0.500", "#3 · gone-3 · score 0.250 · image not available"]
+        "#1 · 0.973 · cat-1", "#2 · 0.500 · web-2", "#3 · 0.250 · gone-3"]
     assert view.gallery[0][0] == str(media["inside"].resolve())
     assert view.gallery[1][0] == "https://example.org/dog.jpg"
     assert isinstance(view.gallery[2][0], Image.Image)  # the placeholder tile
@@ -187,6 +189,7 @@ def test_search_results_become_gallery_items_with_captions(media, tmp_path):
     assert re.fullmatch(r"embed 812 ms · index 1\.2 ms · gateway total 815 ms · round trip [\d.]+ ms · bundle v7",
                         view.timings), view.timings
     assert client.calls == [("image", query.stat().st_size, 3)]
+    assert view.query.text == "Results for **the uploaded image**." and not view.query.replace_image
 
 
 def test_gallery_items_are_accepted_by_gradio_gallery(media):
@@ -204,20 +207,66 @@ def test_gallery_items_are_accepted_by_gradio_gallery(media):
     assert data[2]["image"]["path"]  # the placeholder, saved by Gradio
 
 
-def test_k_is_clamped_and_clicking_a_result_searches_by_its_id(media):
-    """k outside 1..max_k is clamped (missing k = default); a click on result i searches by the
-    id shown there; a stale click gives a message, not an error."""
-    client = FakeGateway([_hit("x", "https://example.org/x.jpg", 1.0)])
-    handlers = _handlers(client, media["policy"], max_k=50)
-    handlers.search_id("a", k=1000)
-    handlers.search_id("b", k=0)
-    handlers.search_id("c", k=None)
+def test_k_limits_are_the_gateways_and_clicking_a_result_searches_by_its_id(media):
+    """The gateway owns k: its status gives the default and the maximum. The page sends k = 0
+    for the default (no k, 0, or the default it shows), k itself up to the maximum, and refuses
+    more in a sentence that keeps the previous results, without asking the gateway. A click on
+    result i searches by the id shown there; a stale click gives a message, not an error."""
+    client = FakeGateway([_hit("x", "https://example.org/x.jpg", 1.0)], default_k=20, max_k=50)
+    handlers = _handlers(client, media["policy"])
+    text, limits = handlers.status_and_limits()
+    assert limits == KLimits(20, 50, True) and handlers.limits == limits
+    assert "**Results per search:** 20 by default, at most 50" in text
+    for k in (None, "", 0, 20, 20.0, 50, 7):
+        handlers.search_id("a", k=k)
+    assert [call[2] for call in client.calls] == [0, 0, 0, 0, 0, 50, 7]
+    client.calls.clear()
+    for k in (51, 5000, -3, 2.5, "many"):
+        view = handlers.search_id("a", k=k, previous=["old"])
+        assert not view.ok and view.gallery is None and view.item_ids is None and view.query is None, k
+        assert view.message.startswith("⚠️ **Not searched.**"), view.message
+        assert view.message.endswith("The results below are from the previous search."), view.message
+    assert "at most 50 results per search; 5000 is too many. Pick a k from 1 to 50." in \
+        handlers.search_image(__file__, 5000).message
+    assert client.calls == []
+
     view = handlers.select_hit(["p", "q", "r"], 1, 7)
-    assert client.calls == [("id", "a", 50), ("id", "b", 1), ("id", "c", 12), ("id", "q", 7)]
+    assert client.calls == [("id", "q", 7)]
     assert "similar to item q (result #2 of the previous search)" in view.message
+    assert view.query.text == "Results for **item** q (result #2 of the previous search)."
+    assert view.query.replace_image and view.query.image is None  # q is not among the hits: its id only
     stale = handlers.select_hit(["p"], 4, 7)
     assert stale.gallery is None and "no longer on the page" in stale.message
-    assert len(client.calls) == 4
+    assert len(client.calls) == 1
+
+
+def test_without_the_gateways_limits_the_gateway_judges_k(media):
+    """Before any status (or with an older gateway that does not send limits), the page shows
+    stand-in limits, sends their default as k = 0 and any other k as it is: the gateway refuses
+    what it does not allow, and the refusal is shown."""
+    client = FakeGateway([_hit("x", "https://example.org/x.jpg", 1.0)], default_k=0, max_k=0)
+    handlers = _handlers(client, media["policy"])
+    assert handlers.status_and_limits()[1] == UNKNOWN_LIMITS and not UNKNOWN_LIMITS.from_gateway
+    handlers.search_id("a", k=UNKNOWN_LIMITS.default_k)
+    handlers.search_id("a", k=5000)
+    assert [call[2] for call in client.calls] == [0, 5000]
+    down = _handlers(FakeGateway(error=RpcError(grpc.StatusCode.UNAVAILABLE, "down")), media["policy"])
+    assert down.status_and_limits()[1] is None and down.limits == UNKNOWN_LIMITS
+    refused = _handlers(FakeGateway(error=RpcError(grpc.StatusCode.INVALID_ARGUMENT, "ask for at most 1000")),
+                        media["policy"]).search_id("a", k=5000, previous=["old"])
+    assert "The request was refused: ask for at most 1000." in refused.message and refused.gallery is None
+
+
+def test_search_by_id_shows_the_searched_item_in_the_query_panel(media):
+    """After a click (search by id) the query panel shows the clicked item: its own image when
+    the answer has it as a local image the UI may show, and its full id."""
+    hits = [_hit("cat one", media["inside"].as_uri(), 1.0), _hit("web-2", "https://example.org/dog.jpg", 0.5)]
+    handlers = _handlers(FakeGateway(hits), media["policy"])
+    view = handlers.select_hit(["x", "cat one"], 1, None)
+    assert view.query.replace_image and view.query.image == str(media["inside"].resolve())
+    assert view.query.text == "Results for **item** cat one (result #2 of the previous search)."
+    view = handlers.search_id("web-2")  # an http image: the UI does not fetch it, the id is shown
+    assert view.query.replace_image and view.query.image is None and "web-2" in view.query.text
 
 
 @pytest.mark.parametrize("code, details, kind, expected", [
@@ -290,8 +339,9 @@ def test_status_panel_shows_index_model_and_upstreams(media):
 
 
 def test_caption_format():
-    """Captions read '#rank · item_id · score' with three decimals."""
-    assert caption(3, _hit("img_42", "", 0.97349)) == "#3 · img_42 · score 0.973"
+    """Captions read '#rank · score · item_id', score with three decimals: rank and score first,
+    so a long id is what the page's one-line ellipsis cuts (the tooltip has the whole caption)."""
+    assert caption(3, _hit("img_42", "", 0.97349)) == "#3 · 0.973 · img_42"
 
 
 # ----------------------------------------------------------------------------------- HTTP
@@ -333,7 +383,7 @@ def test_http_serves_media_roots_only_and_metrics(media):
         from ui import metrics
         before = metrics.SEARCHES.labels("image", "no_input")._value.get()
         from ui.handlers import SearchHandlers
-        SearchHandlers(client, media["policy"], default_k=1, max_k=1, max_upload_bytes=1, gateway_target="",
+        SearchHandlers(client, media["policy"], max_upload_bytes=1, gateway_target="",
                        timeout_s=1).search_image(None)
         status, text = _get(url + "metrics")
         assert status == 200
@@ -345,17 +395,33 @@ def test_http_serves_media_roots_only_and_metrics(media):
 
 
 def test_build_app_makes_the_page(media):
-    """The Blocks page builds from settings and a client: query image, k slider bounded by
-    max_k, search button, results gallery, status panel."""
+    """The Blocks page builds from settings and a client: query image and what was searched by,
+    a k box (stand-in limits until the gateway's status arrives), search button, results
+    gallery that grows with its rows, status panel."""
     from ui.app import build_app
 
-    blocks = build_app(UiSettings(max_k=40, default_k=9, media_roots=[media["root"]]), FakeGateway())
+    blocks = build_app(UiSettings(media_roots=[media["root"]]), FakeGateway())
     config = blocks.get_config_file()
     by_id = {c["props"].get("elem_id"): c for c in config["components"] if c["props"].get("elem_id")}
-    assert {"query", "k", "search", "results", "status", "message", "timings", "refresh-status"} <= set(by_id)
-    assert by_id["k"]["props"]["maximum"] == 40 and by_id["k"]["props"]["value"] == 9
+    assert {"query", "query-info", "k", "search", "results", "status", "message", "timings",
+            "refresh-status"} <= set(by_id)
+    assert by_id["k"]["props"]["value"] == UNKNOWN_LIMITS.default_k
+    assert by_id["k"]["props"]["info"] == UNKNOWN_LIMITS.describe()
     assert by_id["results"]["props"]["allow_preview"] is False
+    assert by_id["results"]["props"]["height"] == "auto"
     assert not config["analytics_enabled"]
+
+
+def test_k_box_hands_over_any_number(media):
+    """The k box has no bounds of its own (a slider clamps a typed k silently; Gradio's bounds
+    check fails the search with 'Error' pills): any whole number reaches the handler, which
+    refuses one above the gateway's maximum in a sentence."""
+    from ui.app import build_app
+
+    blocks = build_app(UiSettings(media_roots=[media["root"]]), FakeGateway())
+    (k,) = [c for c in blocks.blocks.values() if getattr(c, "elem_id", None) == "k"]
+    assert (k.minimum, k.maximum, k.precision) == (None, None, 0)
+    assert k.preprocess(5000) == 5000 and k.preprocess(None) is None
 
 
 def test_query_image_hands_over_the_upload_unopened(tmp_path):

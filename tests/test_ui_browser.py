@@ -35,12 +35,16 @@ WAIT_MS = 30_000  # every browser wait is bounded by this
 class GatewayDouble(gateway_pb2_grpc.GatewayServicer):
     """A `cbir.v1.Gateway` answering from a few demo photos.
 
-    SearchByImage: 5 demo photos (file:// URIs) with falling scores, then one hit whose file lies
-    outside the UI's media roots (the UI must show a placeholder, never that file).
+    SearchByImage: 9 demo photos (file:// URIs) with falling scores, then one hit with a long id
+    whose file lies outside the UI's media roots (the UI must show a placeholder, never that file):
+    10 tiles, three rows.
     SearchById: the item itself first, then 4 other demo photos: a different list.
+    GetStatus: default k 12, at most 20.
     """
 
     OUTSIDE = ROOT / "pyproject.toml"  # a real file, not under demo/photos
+    OUTSIDE_ID = "archive/2019/holidays/a-rather-long-folder-name/outside-1.jpg"
+    DEFAULT_K, MAX_K = 12, 20
 
     def __init__(self, photos: list[Path]):
         self.photos = photos
@@ -61,8 +65,8 @@ class GatewayDouble(gateway_pb2_grpc.GatewayServicer):
         return [common_pb2.Hit(item_id=p.stem, url=p.as_uri(), score=s, distance=1 - s) for p, s in zip(photos, scores)]
 
     def image_hits(self):
-        hits = self._hits(self.photos[:5], [0.973, 0.912, 0.871, 0.802, 0.755])
-        hits.append(common_pb2.Hit(item_id="outside-1", url=self.OUTSIDE.as_uri(), score=0.5, distance=0.5))
+        hits = self._hits(self.photos[:9], [0.973, 0.912, 0.871, 0.802, 0.755, 0.74, 0.73, 0.72, 0.71])
+        hits.append(common_pb2.Hit(item_id=self.OUTSIDE_ID, url=self.OUTSIDE.as_uri(), score=0.5, distance=0.5))
         return hits
 
     def id_hits(self, item_id):
@@ -95,7 +99,7 @@ class GatewayDouble(gateway_pb2_grpc.GatewayServicer):
                                        fingerprint="f" * 64),
             index=common_pb2.IndexInfo(item_count=len(self.photos), dimension=512, input_dimension=512,
                                        metric="angular", trees=10, bundle_version="test-v1"),
-            compatible=True)
+            compatible=True, default_k=self.DEFAULT_K, max_k=self.MAX_K)
 
 
 @pytest.fixture
@@ -191,37 +195,53 @@ def page_text(page) -> str:
     return page.locator("body").inner_text()
 
 
+def expected_captions(hits) -> list[str]:
+    return [f"#{r} · {h.score:.3f} · {h.item_id}" for r, h in enumerate(hits, start=1)]
+
+
 def expected_image_captions(double) -> list[str]:
-    hits = double.image_hits()
-    return [f"#{r} · {h.item_id} · score {h.score:.3f}" + (" · image not available" if h.item_id == "outside-1" else "")
-            for r, h in enumerate(hits, start=1)]
+    return expected_captions(double.image_hits())
+
+
+def expect_no_gradio_errors(page) -> None:
+    """No Gradio error toast and no red 'Error' pill on any output."""
+    assert page.locator(".toast-body.error").count() == 0
+    assert page.get_by_text("Error", exact=True).count() == 0
 
 
 # ----------------------------------------------------------------------------------- tests
 def test_search_shows_hit_images_and_clicking_a_hit_searches_by_it(gateway, page):
-    """In Chromium: the status panel shows the index; uploading a demo photo searches and the
-    gallery shows the hits' real images (decoded, naturalWidth > 0) with '#rank · id · score'
-    captions, a placeholder for the hit outside the media roots, and the timings; Search sends
-    the k set on the page; clicking a hit shows the gateway's SearchById answer for that item;
+    """In Chromium: the status panel shows the index and the gateway's k limits, which the k
+    box takes; uploading a demo photo searches with k = 0 (the gateway's default) and the
+    gallery shows all three rows of hits' real images (decoded, naturalWidth > 0) with one-line
+    '#rank · score · id' captions (the whole caption in a tooltip), a placeholder for the hit
+    outside the media roots, and the timings; Search sends the k set on the page; clicking a hit
+    shows the gateway's SearchById answer for that item and puts that item in the query panel;
     no request leaves the UI's origin. Screenshot: /tmp/cbir-ui.png."""
     double, _, _ = gateway
     from playwright.sync_api import expect
 
     expect(page.locator("#status")).to_contain_text("10 images · bundle test-v1", timeout=WAIT_MS)
     expect(page.locator("#status")).to_contain_text("Indexer: SERVING at 127.0.0.1:2")
+    expect(page.locator("#status")).to_contain_text("Results per search: 12 by default, at most 20")
+    expect(page.locator("#k")).to_contain_text("Default 12, at most 20")
+    k_input = page.locator("#k input[type=number]")
+    expect(k_input).to_have_value("12")
 
-    # upload -> search by image (the upload itself triggers it)
+    # upload -> search by image (the upload itself triggers it), k = 0: the gateway's default
     page.locator("#query input[type=file]").set_input_files(str(PHOTOS / "opencv-fruits.jpg"))
     expect_captions(page, expected_image_captions(double))
-    images = wait_images_loaded(page, 6)
-    assert all("/gradio_api/file=" + str(PHOTOS) in i["src"] for i in images[:5]), images
+    images = wait_images_loaded(page, 10)
+    assert all("/gradio_api/file=" + str(PHOTOS) in i["src"] for i in images[:9]), images
     assert not any(str(GatewayDouble.OUTSIDE) in i["src"] for i in images), images  # placeholder, not the file
-    assert double.requests[0] == ("image", 12, (PHOTOS / "opencv-fruits.jpg").stat().st_size)
-    expect(page.locator("#message")).to_contain_text("6 results for the uploaded image")
+    assert double.requests[0] == ("image", 0, (PHOTOS / "opencv-fruits.jpg").stat().st_size)
+    expect(page.locator("#message")).to_contain_text("10 results for the uploaded image")
+    expect(page.locator("#query-info")).to_contain_text("Results for the uploaded image")
     expect(page.locator("#timings")).to_contain_text("embed 40 ms · index 0.5 ms")
+    check_gallery_layout(page, double)
+    page.screenshot(path=str(SCREENSHOT.with_name("cbir-ui-results.png")), full_page=True)
 
     # the Search button, with k changed on the page
-    k_input = page.locator("#k input[type=number]")
     k_input.fill("7")
     k_input.press("Enter")
     page.locator("#search").click()
@@ -229,20 +249,72 @@ def test_search_shows_hit_images_and_clicking_a_hit_searches_by_it(gateway, page
     assert double.requests[-1][:2] == ("image", 7)
     expect_captions(page, expected_image_captions(double))
 
-    # click hit #2 -> search by its id; the gallery changes to that answer
+    # click hit #2 -> search by its id; the gallery changes to that answer, the query panel shows the item
     clicked = double.image_hits()[1].item_id
     page.locator("#results button.thumbnail-item").nth(1).click()
-    expected = [f"#{r} · {h.item_id} · score {h.score:.3f}" for r, h in enumerate(double.id_hits(clicked), start=1)]
-    expect_captions(page, expected)
+    expect_captions(page, expected_captions(double.id_hits(clicked)))
     wait_images_loaded(page, 5)
     assert double.requests[-1] == ("id", 7, clicked)
     classes = page.eval_on_selector_all("#results button.thumbnail-item", "bs => bs.map(b => b.className)")
     assert not any("selected" in c.split() for c in classes), classes  # no stale highlight from the click
     expect(page.locator("#message")).to_contain_text(f"similar to item {clicked} (result #2 of the previous search)")
+    expect(page.locator("#query-info")).to_contain_text(f"Results for item {clicked} (result #2 of the previous search)")
+    page.wait_for_function(
+        """(name) => { const img = document.querySelector('#query img');
+                       return img && img.complete && img.naturalWidth > 0 && decodeURIComponent(img.src).includes(name); }""",
+        arg=double.ids[clicked].name, timeout=WAIT_MS)  # the clicked item's image, not the old upload
 
     page.screenshot(path=str(SCREENSHOT), full_page=True)
     assert page.foreign_requests == []
     assert "Traceback" not in page_text(page)
+    expect_no_gradio_errors(page)
+
+
+def check_gallery_layout(page, double) -> None:
+    """Every row of the gallery is in view (none cut by a fixed height), and each caption is one
+    line covering a small strip of its tile, the whole caption in the tile's tooltip."""
+    layout = page.evaluate("""() => {
+        const wrap = document.querySelector('#results .grid-wrap');
+        const box = wrap.getBoundingClientRect();
+        const tiles = [...document.querySelectorAll('#results button.thumbnail-item')].map(t => {
+            const r = t.getBoundingClientRect(); const label = t.querySelector('.caption-label');
+            const l = label.getBoundingClientRect();
+            return {top: r.top, bottom: r.bottom, height: r.height, label_h: l.height, title: t.title,
+                    line: parseFloat(getComputedStyle(label).lineHeight) || 16};
+        });
+        return {wrap_bottom: box.bottom, scroll: wrap.scrollHeight, client: wrap.clientHeight, tiles};
+    }""")
+    tiles = layout["tiles"]
+    assert len(tiles) == 10 and len({round(t["top"]) for t in tiles}) == 3, tiles  # three rows
+    assert layout["scroll"] <= layout["client"] + 1, layout  # nothing hidden behind a scrollbar
+    assert all(t["bottom"] <= layout["wrap_bottom"] + 1 for t in tiles), layout
+    for tile, text in zip(tiles, expected_image_captions(double)):
+        assert tile["label_h"] <= 2 * tile["line"] and tile["label_h"] < tile["height"] / 6, tile  # one line
+        assert tile["title"] == text, tile  # the whole caption, long id included, as the tooltip
+
+
+def test_k_above_the_gateways_maximum_is_refused_in_a_sentence(gateway, page):
+    """In Chromium: k typed above the gateway's maximum (Enter, then Search) is refused by the
+    page in a sentence naming the limit; the previous results stay, nothing reaches the gateway,
+    and no Gradio 'Error' pill or toast appears."""
+    double, _, _ = gateway
+    from playwright.sync_api import expect
+
+    expect(page.locator("#k")).to_contain_text("at most 20", timeout=WAIT_MS)
+    page.locator("#query input[type=file]").set_input_files(str(PHOTOS / "opencv-fruits.jpg"))
+    expect_captions(page, expected_image_captions(double))
+    k_input = page.locator("#k input[type=number]")
+    k_input.fill("500")
+    k_input.press("Enter")
+    page.locator("#search").click()
+    message = page.locator("#message")
+    expect(message).to_contain_text("Not searched. The gateway returns at most 20 results per search; "
+                                    "500 is too many. Pick a k from 1 to 20.")
+    expect(message).to_contain_text("The results below are from the previous search.")
+    assert captions(page) == expected_image_captions(double)
+    assert double.count("image") == 1
+    expect_no_gradio_errors(page)
+    page.screenshot(path=str(SCREENSHOT.with_name("cbir-ui-k.png")), full_page=True)
 
 
 def test_errors_are_readable_messages_and_the_page_keeps_working(gateway, page, tmp_path):
@@ -257,7 +329,7 @@ def test_errors_are_readable_messages_and_the_page_keeps_working(gateway, page, 
     garbage.write_bytes(b"this is not a JPEG" * 100)
     page.locator("#query input[type=file]").set_input_files(str(garbage))
     expect(page.locator("#message")).to_contain_text("This image could not be used: not an image.")
-    assert double.requests == [("image", 12, garbage.stat().st_size)]
+    assert double.requests == [("image", 0, garbage.stat().st_size)]
 
     page.locator("#query button[aria-label='Remove Image']").click()
     page.locator("#query input[type=file]").set_input_files(str(PHOTOS / "opencv-fruits.jpg"))
@@ -300,6 +372,6 @@ def test_pasting_an_image_searches(gateway, page):
     page.locator("#query button[aria-label='Paste from clipboard']").click()
     page.locator("#query").click()  # a click on the paste area reads the clipboard
     expect_captions(page, expected_image_captions(double))
-    wait_images_loaded(page, 6)
+    wait_images_loaded(page, 10)
     kind, k, size = double.requests[0]
-    assert (kind, k) == ("image", 12) and size > 0  # the pasted PNG (a canvas copy of the photo)
+    assert (kind, k) == ("image", 0) and size > 0  # the pasted PNG (a canvas copy of the photo)

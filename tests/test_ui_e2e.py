@@ -28,21 +28,27 @@ def ui_url(stack, collection):
 
 def test_uploading_a_collection_photo_shows_it_first_and_clicking_a_hit_searches_by_it(browser, ui_url, collection):
     """Upload a photo of the collection: the first gallery tile is that photo (its own image,
-    loaded from the collection), with score 1.000; the status panel shows the real index; clicking
-    the second hit makes that item the first result."""
+    loaded from the collection), with score 1.000; the status panel shows the real index and the
+    k box the gateway's default (the UI asks for k = 0, the gateway's default number of hits);
+    clicking the second hit makes that item the first result and shows it in the query panel."""
+    from services.gateway.settings import GatewaySettings
+
+    default_k = GatewaySettings().default_k
     page = browser.new_page(viewport={"width": 1280, "height": 1000})
     page.set_default_timeout(WAIT_MS)
     try:
         page.goto(ui_url)
         expect(page.locator("#status")).to_contain_text(f"{len(E2E_PHOTOS)} images", timeout=WAIT_MS)
+        expect(page.locator("#k input[type=number]")).to_have_value(str(default_k))
         page.locator("#query input[type=file]").set_input_files(str(collection / "skimage-coffee.jpg"))
         first_caption = page.locator("#results .caption-label").first
-        expect(first_caption).to_have_text("#1 · skimage-coffee.jpg · score 1.000", timeout=WAIT_MS)
-        images = wait_images_loaded(page, 12)
+        expect(first_caption).to_have_text("#1 · 1.000 · skimage-coffee.jpg", timeout=WAIT_MS)
+        images = wait_images_loaded(page, min(default_k, len(E2E_PHOTOS)))
         assert "skimage-coffee.jpg" in images[0]["src"]
-        second = page.locator("#results .caption-label").nth(1).inner_text().split(" · ")[1]
+        second = page.locator("#results .caption-label").nth(1).inner_text().split(" · ", 2)[2]
         page.locator("#results button.thumbnail-item").nth(1).click()
-        expect(first_caption).to_have_text(f"#1 · {second} · score 1.000", timeout=WAIT_MS)
+        expect(first_caption).to_have_text(f"#1 · 1.000 · {second}", timeout=WAIT_MS)
+        expect(page.locator("#query-info")).to_contain_text(f"Results for item {second}")
         page.screenshot(path="/tmp/cbir-ui-e2e.png", full_page=True)
         assert "Traceback" not in page.locator("body").inner_text()
     finally:

@@ -10,7 +10,7 @@ from typing import Any
 
 import gradio as gr
 
-from ui.handlers import SearchHandlers, SearchView
+from ui.handlers import UNKNOWN_LIMITS, KLimits, SearchHandlers, SearchView
 from ui.media import MediaPolicy
 from ui.settings import UiSettings
 
@@ -21,9 +21,24 @@ CSS = """
 #timings { font-size: 0.8em; opacity: 0.75; }
 #timings p { margin: 0; }
 #message p { margin: 0.2em 0; }
-#results .caption-label { white-space: normal; overflow-wrap: anywhere; text-overflow: clip; max-width: 95%; }
+#results .caption-label { white-space: nowrap; overflow: hidden; text-overflow: ellipsis; max-width: calc(100% - 8px);
+                          font-size: 0.75em; line-height: 1.2; padding: 1px 5px; }
+#results .grid-wrap { height: auto !important; max-height: none !important; overflow-y: visible; }
+#query-info p { margin: 0; overflow-wrap: anywhere; }
 #status ul { padding-left: 1em; margin: 0; }
 """
+
+
+# Each tile's whole caption (rank, score, the full item id) as its tooltip: the tile shows one line,
+# ellipsized (CSS above). Gradio renders the captions itself, so titles are set as tiles appear.
+HEAD = """<script>
+new MutationObserver(() => {
+  for (const label of document.querySelectorAll('#results .caption-label')) {
+    const tile = label.closest('button') || label;
+    if (tile.title !== label.textContent) { tile.title = label.textContent; label.title = label.textContent; }
+  }
+}).observe(document.documentElement, {subtree: true, childList: true, characterData: true});
+</script>"""
 
 
 class QueryImage(gr.Image):
@@ -50,27 +65,42 @@ def build_app(settings: UiSettings, client: Any) -> gr.Blocks:
     handlers = SearchHandlers(
         client,
         MediaPolicy(settings.media_roots),
-        default_k=settings.default_k,
-        max_k=settings.max_k,
         max_upload_bytes=settings.max_upload_bytes,
         gateway_target=settings.gateway_target,
         timeout_s=settings.request_timeout_s,
     )
 
     def show(view: SearchView):
-        if view.gallery is None:  # failed: leave the previous results where they are
-            return gr.skip(), gr.skip(), view.message, view.timings
+        if view.gallery is None:  # failed or refused: leave the previous results (and query) where they are
+            return gr.skip(), gr.skip(), view.message, view.timings, gr.skip(), gr.skip()
+        query_image, query_info = gr.skip(), gr.skip()
+        if view.query is not None:
+            query_info = view.query.text
+            if view.query.replace_image:
+                query_image = view.query.image
         # selected_index=None: no result stays highlighted from the click that led here
-        return gr.Gallery(value=view.gallery, selected_index=None), view.item_ids, view.message, view.timings
+        return (gr.Gallery(value=view.gallery, selected_index=None), view.item_ids, view.message, view.timings,
+                query_image, query_info)
 
-    def on_search(image_path, k, item_ids):
-        return show(handlers.search_image(image_path, k, previous=item_ids))
+    def on_search(image_path, k, item_ids, limits):
+        return show(handlers.search_image(image_path, k, previous=item_ids, limits=limits))
 
-    def on_url(url, k, item_ids):
-        return show(handlers.search_url(url, k, previous=item_ids))
+    def on_url(url, k, item_ids, limits):
+        return show(handlers.search_url(url, k, previous=item_ids, limits=limits))
 
-    def on_select(item_ids, k, evt: gr.SelectData):
-        return show(handlers.select_hit(item_ids, evt.index, k))
+    def on_select(item_ids, k, limits, evt: gr.SelectData):
+        return show(handlers.select_hit(item_ids, evt.index, k, limits=limits))
+
+    def on_status(k_value, shown: KLimits):
+        """The status panel, and the k box set to the gateway's limits. An untouched k (the default
+        the page showed) becomes the gateway's default; a k the user picked stays."""
+        text, limits = handlers.status_and_limits()
+        if limits is None or (not limits.from_gateway and shown.from_gateway):
+            return text, gr.skip(), gr.skip()  # no answer: keep what the page shows
+        update = {"info": limits.describe()}
+        if k_value is None or k_value == shown.default_k:
+            update["value"] = limits.default_k
+        return text, gr.Number(**update), limits
 
     # delete_cache: uploaded query images (and placeholder tiles) older than a day are removed hourly.
     with gr.Blocks(title=TITLE, analytics_enabled=False, delete_cache=(3600, 86400)) as blocks:
@@ -81,8 +111,14 @@ def build_app(settings: UiSettings, client: Any) -> gr.Blocks:
             with gr.Column(scale=1, min_width=280):
                 query = QueryImage(label="Query image", type="filepath", sources=["upload", "clipboard"],
                                    height=280, elem_id="query")
-                k = gr.Slider(1, settings.max_k, value=settings.default_k, step=1,
-                              label="Number of results (k)", elem_id="k")
+                query_info = gr.Markdown("", elem_id="query-info")
+                # k: its default and maximum are the gateway's, read from its status as the page loads.
+                # A number box without bounds of its own: a slider clamps a typed k to its maximum
+                # without a word, and Gradio's bounds check fails the search with "Error" pills;
+                # the handler refuses a k above the gateway's maximum in a sentence instead.
+                k = gr.Number(value=UNKNOWN_LIMITS.default_k, precision=0, step=1, label="Number of results (k)",
+                              info=UNKNOWN_LIMITS.describe(), elem_id="k")
+                limits = gr.State(UNKNOWN_LIMITS)
                 search = gr.Button("Search", variant="primary", elem_id="search")
                 url = gr.Textbox(label="…or the URL of an image", placeholder="https://…", max_lines=1,
                                  elem_id="url")
@@ -92,18 +128,19 @@ def build_app(settings: UiSettings, client: Any) -> gr.Blocks:
                     refresh = gr.Button("Refresh status", size="sm", elem_id="refresh-status")
             with gr.Column(scale=3):
                 message = gr.Markdown("Upload or paste an image to start.", elem_id="message")
+                # height="auto": the gallery grows with its rows (a fixed height cut the third one)
                 gallery = gr.Gallery(label="Results", columns=4, allow_preview=False, interactive=False,
-                                     object_fit="cover", buttons=["fullscreen"], elem_id="results")
+                                     object_fit="cover", height="auto", buttons=["fullscreen"], elem_id="results")
                 timings = gr.Markdown("", elem_id="timings")
 
-        outputs = [gallery, item_ids, message, timings]
-        search.click(on_search, [query, k, item_ids], outputs)
-        query.upload(on_search, [query, k, item_ids], outputs)
-        gallery.select(on_select, [item_ids, k], outputs)
-        url_search.click(on_url, [url, k, item_ids], outputs)
-        url.submit(on_url, [url, k, item_ids], outputs)
-        refresh.click(handlers.status, None, status)
-        blocks.load(handlers.status, None, status)
+        outputs = [gallery, item_ids, message, timings, query, query_info]
+        search.click(on_search, [query, k, item_ids, limits], outputs)
+        query.upload(on_search, [query, k, item_ids, limits], outputs)
+        gallery.select(on_select, [item_ids, k, limits], outputs)
+        url_search.click(on_url, [url, k, item_ids, limits], outputs)
+        url.submit(on_url, [url, k, item_ids, limits], outputs)
+        refresh.click(on_status, [k, limits], [status, k, limits])
+        blocks.load(on_status, [k, limits], [status, k, limits])
 
     blocks.queue(default_concurrency_limit=settings.concurrency)
     return blocks

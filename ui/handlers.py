@@ -1,9 +1,14 @@
 """What the page's controls do, as plain functions over a gateway client.
 
 No Gradio here: each handler takes plain values (a file path, a k, a list of item ids) and returns
-a `SearchView` (gallery items, captions, a status line, timings) or Markdown text. `ui.app` wires
-them to components; tests call them with a fake client. Handlers never raise: every failure
-becomes a message a person can act on, and the metrics count it.
+a `SearchView` (gallery items, captions, a status line, timings, what was searched by) or Markdown
+text. `ui.app` wires them to components; tests call them with a fake client. Handlers never raise:
+every failure becomes a message a person can act on, and the metrics count it.
+
+k has one owner, the gateway: its GetStatus says the default and the most one search may ask for
+(`KLimits`), read when the page loads and when the status is refreshed. The page sends k = 0 for
+"the gateway's default", refuses a k above the gateway's maximum itself (in a sentence, keeping the
+previous results), and, while the gateway's limits are unknown, leaves the judgement to the gateway.
 """
 
 from __future__ import annotations
@@ -23,6 +28,44 @@ log = logging.getLogger(__name__)
 
 _MARKDOWN_SPECIALS = "\\`*_[]<>|~#"
 _MAX_DETAIL = 300
+
+
+@dataclass(frozen=True)
+class KLimits:
+    """The gateway's k: `default_k` (what k = 0 asks for) and `max_k`. `from_gateway` False: the
+    gateway has not said (down, or an older gateway); the slider then shows these stand-ins, and
+    the gateway alone judges the k a user picks."""
+
+    default_k: int = 10
+    max_k: int = 100
+    from_gateway: bool = False
+
+    @classmethod
+    def of(cls, status: Any) -> KLimits:
+        """The limits in a `GetStatusResponse` (0 = not given: the stand-ins)."""
+        default_k, max_k = int(getattr(status, "default_k", 0) or 0), int(getattr(status, "max_k", 0) or 0)
+        if default_k < 1 or max_k < default_k:
+            return UNKNOWN_LIMITS
+        return cls(default_k, max_k, True)
+
+    def describe(self) -> str:
+        if not self.from_gateway:
+            return "The gateway's default and maximum are not known yet (status unavailable)."
+        return f"Default {self.default_k}, at most {self.max_k} (the gateway's limits)."
+
+
+UNKNOWN_LIMITS = KLimits()
+
+
+@dataclass(frozen=True)
+class QueryShown:
+    """What the query panel shows after a search: `text` says what the results are similar to;
+    with `replace_image`, the query box shows `image` (a local image, or None: empty) instead of
+    what it held (the upload)."""
+
+    text: str
+    image: str | None = None
+    replace_image: bool = False
 
 
 class Gateway(Protocol):
@@ -47,6 +90,7 @@ class SearchView:
     timings: str = ""
     ok: bool = False
     unavailable: list[str] = field(default_factory=list)  # item ids whose image cannot be shown
+    query: QueryShown | None = None  # None: leave the query panel as it is
 
 
 def md(text: object) -> str:
@@ -55,8 +99,10 @@ def md(text: object) -> str:
 
 
 def caption(rank: int, hit: Any) -> str:
-    """The caption under one result: `#rank · item_id · score 0.973`."""
-    return f"#{rank} · {hit.item_id} · score {hit.score:.3f}"
+    """The caption on one result tile: `#rank · 0.973 · item_id`, rank and score first: the page
+    shows one line and ellipsizes what does not fit (a long id), with the whole caption in the
+    tile's tooltip."""
+    return f"#{rank} · {hit.score:.3f} · {hit.item_id}"
 
 
 def _short(details: str | None) -> str:
@@ -137,6 +183,9 @@ def format_status(response: Any) -> str:
         lines.append("**Compatible:** yes, the index was built with the embedder's model")
     else:
         lines.append(f"**Compatible:** no{' — ' + md(_short(response.detail)) if response.detail else ''}")
+    limits = KLimits.of(response)
+    if limits.from_gateway:
+        lines.append(f"**Results per search:** {limits.default_k} by default, at most {limits.max_k}")
     for upstream in response.upstreams:
         detail = f" — {md(_short(upstream.detail))}" if upstream.detail else ""
         lines.append(f"**{md(upstream.name.capitalize())}:** {md(upstream.state)} at {md(upstream.target)}{detail}")
@@ -146,19 +195,20 @@ def format_status(response: Any) -> str:
 class SearchHandlers:
     """The page's actions over one gateway client."""
 
-    def __init__(self, client: Gateway, policy: MediaPolicy, *, default_k: int, max_k: int,
-                 max_upload_bytes: int, gateway_target: str, timeout_s: float):
+    def __init__(self, client: Gateway, policy: MediaPolicy, *, max_upload_bytes: int, gateway_target: str,
+                 timeout_s: float):
         self.client = client
         self.policy = policy
-        self.default_k = default_k
-        self.max_k = max_k
+        self.limits = UNKNOWN_LIMITS  # the gateway's k limits as last read; pages keep their own copy
         self.max_upload_bytes = max_upload_bytes
         self.gateway_target = gateway_target
         self.timeout_s = timeout_s
 
     # ------------------------------------------------------------------ searches
-    def search_image(self, image_path: str | None, k: Any = None, previous: list[str] | None = None) -> SearchView:
-        """Search by the uploaded/pasted image at `image_path` (a file Gradio saved)."""
+    def search_image(self, image_path: str | None, k: Any = None, previous: list[str] | None = None,
+                     limits: KLimits | None = None) -> SearchView:
+        """Search by the uploaded/pasted image at `image_path` (a file Gradio saved). `limits`: the
+        gateway's k limits the page shows (default: as last read)."""
         if not image_path:
             return self._finish("image", "no_input", SearchView("Upload or paste an image, then press **Search**."))
         try:
@@ -172,10 +222,14 @@ class SearchHandlers:
             return self._finish("image", "bad_input", SearchView(
                 f"The image is too large ({len(data) / 2**20:.1f} MiB; at most "
                 f"{self.max_upload_bytes / 2**20:.0f} MiB)."))
-        return self._call("image", lambda: self.client.search_image(data, k=self._k(k)),
-                          "for the uploaded image", previous)
+        k_sent = self._k(k, limits, previous)
+        if isinstance(k_sent, SearchView):
+            return self._finish("image", "bad_input", k_sent)
+        return self._call("image", lambda: self.client.search_image(data, k=k_sent),
+                          "for the uploaded image", previous, QueryShown("Results for **the uploaded image**."))
 
-    def search_url(self, url: str | None, k: Any = None, previous: list[str] | None = None) -> SearchView:
+    def search_url(self, url: str | None, k: Any = None, previous: list[str] | None = None,
+                   limits: KLimits | None = None) -> SearchView:
         """Search by the image at an http(s) URL, which the gateway downloads (under its SSRF rules)."""
         url = (url or "").strip()
         if not url:
@@ -183,52 +237,96 @@ class SearchHandlers:
         if not url.lower().startswith(("http://", "https://")):
             return self._finish("url", "bad_input", SearchView("Only http:// and https:// image URLs can be searched."))
         shown = url if len(url) <= 80 else url[:79] + "…"
-        return self._call("url", lambda: self.client.search_url(url, k=self._k(k)),
-                          f"for the image at {md(shown)}", previous)
+        k_sent = self._k(k, limits, previous)
+        if isinstance(k_sent, SearchView):
+            return self._finish("url", "bad_input", k_sent)
+        # the query box is emptied: the image at the URL is the gateway's to fetch, not the UI's
+        query = QueryShown(f"Results for **the image at** {md(shown)}", None, replace_image=True)
+        return self._call("url", lambda: self.client.search_url(url, k=k_sent),
+                          f"for the image at {md(shown)}", previous, query)
 
-    def search_id(self, item_id: str, k: Any = None, previous: list[str] | None = None, rank: int | None = None) -> SearchView:
-        """Search by an indexed item (what clicking a result does)."""
+    def search_id(self, item_id: str, k: Any = None, previous: list[str] | None = None, rank: int | None = None,
+                  limits: KLimits | None = None) -> SearchView:
+        """Search by an indexed item (what clicking a result does). The query panel then shows that
+        item: its image (when it is a local image the UI may show) and its full id."""
         if not item_id:
             return self._finish("id", "no_input", SearchView("No item to search by."))
+        k_sent = self._k(k, limits, previous)
+        if isinstance(k_sent, SearchView):
+            return self._finish("id", "bad_input", k_sent)
         what = f"similar to item {md(item_id)}" + (f" (result #{rank} of the previous search)" if rank else "")
-        return self._call("id", lambda: self.client.search_id(item_id, k=self._k(k)), what, previous)
+        query = QueryShown(f"Results for **item** {md(item_id)}" + (f" (result #{rank} of the previous search)" if rank else "")
+                           + ".", None, replace_image=True)
+        return self._call("id", lambda: self.client.search_id(item_id, k=k_sent), what, previous, query,
+                          query_id=item_id)
 
-    def select_hit(self, item_ids: list[str] | None, index: Any, k: Any = None) -> SearchView:
+    def select_hit(self, item_ids: list[str] | None, index: Any, k: Any = None,
+                   limits: KLimits | None = None) -> SearchView:
         """A click on result number `index` (0-based) of the gallery showing `item_ids`."""
         item_ids = list(item_ids or [])
         if not isinstance(index, int) or not 0 <= index < len(item_ids):
             return self._finish("id", "no_input", SearchView("That result is no longer on the page; search again."))
-        return self.search_id(item_ids[index], k, previous=item_ids, rank=index + 1)
+        return self.search_id(item_ids[index], k, previous=item_ids, rank=index + 1, limits=limits)
 
     # ------------------------------------------------------------------ status
     def status(self) -> str:
-        """The status panel: index size, bundle version, model, upstream states."""
+        """The status panel: index size, bundle version, model, upstream states, k limits."""
+        return self.status_and_limits()[0]
+
+    def status_and_limits(self) -> tuple[str, KLimits | None]:
+        """The status panel's text and the gateway's k limits (None: the gateway did not answer;
+        the page keeps the limits it shows)."""
         try:
             response = self.client.status()
         except grpc.RpcError as error:
             metrics.STATUS_CHECKS.labels(_code_name(error)).inc()
             return "**Status unavailable.** " + describe_rpc_error(
-                error, kind="status", target=self.gateway_target, timeout_s=self.timeout_s)
+                error, kind="status", target=self.gateway_target, timeout_s=self.timeout_s), None
         except Exception:  # noqa: BLE001 - the page must keep working
             log.exception("status check failed")
             metrics.STATUS_CHECKS.labels("error").inc()
-            return "**Status unavailable:** an unexpected error happened in the UI (details in its log)."
+            return "**Status unavailable:** an unexpected error happened in the UI (details in its log).", None
         metrics.STATUS_CHECKS.labels("ok").inc()
+        limits = KLimits.of(response)
+        self.limits = limits
         try:
-            return format_status(response)
+            return format_status(response), limits
         except Exception:  # noqa: BLE001
             log.exception("could not format the status %r", response)
-            return "**Status unavailable:** the gateway's answer could not be shown (details in the UI log)."
+            return "**Status unavailable:** the gateway's answer could not be shown (details in the UI log).", limits
 
     # ------------------------------------------------------------------ helpers
-    def _k(self, k: Any) -> int:
+    def _k(self, k: Any, limits: KLimits | None, previous: list[str] | None) -> int | SearchView:
+        """The k to send: 0 (the gateway's default) for no k, 0, or the default the page shows;
+        else k itself. A k the gateway would refuse is refused here, in a sentence."""
+        limits = limits or self.limits
+        if k is None or (isinstance(k, str) and not k.strip()):
+            return 0
         try:
-            value = int(round(float(k)))
+            value = float(k)
         except (TypeError, ValueError):
-            return self.default_k
-        return max(1, min(self.max_k, value))
+            return SearchView(self._refused(f"k must be a whole number, not {md(_short(str(k)))!s}.", limits, previous))
+        if value != value or value in (float("inf"), float("-inf")) or value != int(value):
+            return SearchView(self._refused(f"k must be a whole number, not {md(k)}.", limits, previous))
+        value = int(value)
+        if value < 0:
+            return SearchView(self._refused(f"k must be at least 1 (got {value}).", limits, previous))
+        if value == 0 or value == limits.default_k:
+            return 0
+        if limits.from_gateway and value > limits.max_k:
+            return SearchView(self._refused(
+                f"The gateway returns at most {limits.max_k} results per search; {value} is too many.",
+                limits, previous))
+        return value
 
-    def _call(self, kind: str, call, what: str, previous: list[str] | None) -> SearchView:
+    @staticmethod
+    def _refused(reason: str, limits: KLimits, previous: list[str] | None) -> str:
+        note = " The results below are from the previous search." if previous else ""
+        hint = f" Pick a k from 1 to {limits.max_k}." if limits.from_gateway else ""
+        return f"⚠️ **Not searched.** {reason}{hint}{note}"
+
+    def _call(self, kind: str, call, what: str, previous: list[str] | None, query: QueryShown | None = None,
+              query_id: str | None = None) -> SearchView:
         start = time.perf_counter()
         try:
             response = call()
@@ -244,24 +342,29 @@ class SearchHandlers:
         elapsed = time.perf_counter() - start
         metrics.SEARCH_SECONDS.labels(kind).observe(elapsed)
         try:
-            view = self._results(response, what, elapsed)
+            view = self._results(response, what, elapsed, query, query_id)
         except Exception:  # noqa: BLE001
             log.exception("could not show the results of a search (%s)", kind)
             return self._finish(kind, "error", SearchView(self._failed(
                 "The gateway's answer could not be shown (details in the UI log).", previous)))
         return self._finish(kind, "ok", view)
 
-    def _results(self, response: Any, what: str, elapsed: float) -> SearchView:
+    def _results(self, response: Any, what: str, elapsed: float, query: QueryShown | None = None,
+                 query_id: str | None = None) -> SearchView:
         gallery, ids, unavailable = [], [], []
         for rank, hit in enumerate(response.hits, start=1):
             media = self.policy.resolve(hit.url)
             text = caption(rank, hit)
             if media.available:
                 gallery.append((media.source, text))
+                local = media.source.startswith("/")
+                if query is not None and hit.item_id == query_id and local and query.image is None:
+                    # the searched item's own image; a local file only: the UI fetches no URLs
+                    query = QueryShown(query.text, media.source, replace_image=True)
             else:
                 log.info("not showing the image of %s (%r): %s", hit.item_id, hit.url, media.reason)
                 unavailable.append(hit.item_id)
-                gallery.append((placeholder_image(), text + " · image not available"))
+                gallery.append((placeholder_image(), text))  # the tile itself says "image not available"
             ids.append(hit.item_id)
         count = len(ids)
         if count:
@@ -271,7 +374,8 @@ class SearchHandlers:
         if unavailable:
             message += (f" {len(unavailable)} image{'s' if len(unavailable) != 1 else ''} cannot be shown "
                         "(not under the UI's media roots, or not a usable URL).")
-        return SearchView(message, gallery, ids, format_timings(response, elapsed), ok=True, unavailable=unavailable)
+        return SearchView(message, gallery, ids, format_timings(response, elapsed), ok=True, unavailable=unavailable,
+                          query=query)
 
     @staticmethod
     def _failed(message: str, previous: list[str] | None) -> str:

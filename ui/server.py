@@ -28,7 +28,7 @@ def create_app(settings: UiSettings, client):
     import prometheus_client
     from fastapi import FastAPI, Response
 
-    from ui.app import CSS, build_app
+    from ui.app import CSS, HEAD, build_app
     from ui.media import MediaPolicy
 
     roots = [str(root) for root in MediaPolicy(settings.media_roots).roots]  # existing folders, real paths
@@ -60,6 +60,7 @@ def create_app(settings: UiSettings, client):
         pwa=False,
         show_error=False,  # handlers report errors themselves; never show Python exception text
         css=CSS,
+        head=HEAD,
     )
 
 

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
@@ -25,8 +25,6 @@ class UiSettings(BaseSettings):
     host: str = Field("127.0.0.1", description="address to listen on (0.0.0.0 in containers)")
     port: int = Field(7860, ge=0, le=65535, description="HTTP port of the page and of /metrics; 0 = any free port")
     gateway_target: str = Field("127.0.0.1:50050", min_length=1, description="gRPC target of the gateway")
-    default_k: int = Field(12, ge=1, description="results asked for when the page opens")
-    max_k: int = Field(100, ge=1, description="the most results one search may ask for")
     media_roots: Annotated[list[Path], NoDecode] = Field(
         default_factory=list, description="folders whose images may be shown (the collection's local images)"
     )
@@ -57,12 +55,6 @@ class UiSettings(BaseSettings):
     def _absolute_roots(cls, roots: list[Path]) -> list[Path]:
         # Resolved once here: symlinked roots are compared by their real location later on.
         return [Path(root).expanduser().resolve() for root in roots]
-
-    @model_validator(mode="after")
-    def _k_limits(self):
-        if self.default_k > self.max_k:
-            raise ValueError(f"default_k ({self.default_k}) must not exceed max_k ({self.max_k})")
-        return self
 
     @property
     def max_upload_bytes(self) -> int:
