@@ -32,12 +32,10 @@ class LocalEmbedding:
         self.info: common_pb2.ModelInfo = embedder.info
 
     def prepare(self, data: bytes) -> np.ndarray:
-        from services.embedder.images import load_image
-
-        return load_image(data, max_pixels=self._max_pixels)
+        return self._embedder.decode(data)
 
     def embed(self, prepared: list[np.ndarray]) -> list[np.ndarray | str]:
-        return list(self._embedder.embed_pixels(np.stack(prepared)))
+        return list(self._embedder.embed_pixels(prepared if self._embedder.keep_aspect else np.stack(prepared)))
 
 
 class RemoteEmbedding:

@@ -40,7 +40,7 @@ BATCH_SIZE = prometheus_client.Histogram(
 
 @dataclass
 class _Job:
-    pixels: np.ndarray  # (n, 224, 224, 3) uint8, n <= max_batch
+    pixels: np.ndarray | list  # (n, 224, 224, 3) uint8, or n images of any shapes (keep_aspect); n <= max_batch
     arrived: float = field(default_factory=time.monotonic)
     future: Future = field(default_factory=Future)
 
@@ -146,7 +146,7 @@ class Batcher:
         for job in jobs:  # time from queued to its batch's model call: batching wait plus any backlog
             metrics.STAGE_SECONDS.labels("embedder", "queue").observe(started - job.arrived)
         try:
-            pixels = jobs[0].pixels if len(jobs) == 1 else np.concatenate([job.pixels for job in jobs])
+            pixels = jobs[0].pixels if len(jobs) == 1 else _joined([job.pixels for job in jobs])
             rows = self._run(pixels)
         except BaseException as error:  # every caller learns about it; the worker carries on
             for job in jobs:
@@ -158,3 +158,10 @@ class Batcher:
         for job in jobs:
             job.future.set_result(rows[start:start + len(job.pixels)])
             start += len(job.pixels)
+
+
+def _joined(parts: list) -> np.ndarray | list:
+    """The pixels of several jobs as one batch: stacked arrays, or one list of images of any shapes."""
+    if isinstance(parts[0], np.ndarray):
+        return np.concatenate(parts)
+    return [image for part in parts for image in part]

@@ -24,13 +24,17 @@ from cbir.errors import BadImage
 from cbir.v1 import common_pb2
 from services.embedder import images
 from services.embedder.devices import log_devices
+from services.embedder.aspect import AspectRunner
+from services.embedder.descriptor import Whitening
 from services.embedder.model import (
     DIMENSIONS,
     INPUT_SHAPE,
     build_vgg16,
     compile_inference,
+    compile_trunk,
     feature_model,
     pooling_name,
+    trunk_model,
 )
 from services.embedder.weights import Weights, apply_weights, conv_only, resolve_weights, save_weights
 
@@ -56,8 +60,37 @@ def compile_runner(model, backend: Literal["keras", "onnx"] = "keras") -> Runner
     return checked_runner(model, reference=keras_runner)
 
 
+WHITENING_DIR = Path(__file__).resolve().parent / "whitening"
+
+
+def load_whitening(name: str) -> Whitening | None:
+    """The whitening named by the `whitening` setting: a shipped one (services/embedder/whitening/NAME.npz)
+    or a path; None for ""."""
+    if not name:
+        return None
+    path = WHITENING_DIR / f"{name}.npz"
+    if not path.is_file():
+        path = Path(name).expanduser()
+    if not path.is_file():
+        shipped = ", ".join(sorted(p.stem for p in WHITENING_DIR.glob("*.npz"))) or "none"
+        raise ValueError(f"whitening {name!r} is neither a shipped whitening ({shipped}) nor a .npz file")
+    return Whitening.load(path)
+
+
+def descriptor_name(settings, whitening: Whitening | None) -> str:
+    """ModelInfo.pooling of a keep_aspect model: every choice that shapes its vectors."""
+    name = f"{settings.pooling}(p={settings.gem_p:g})" if settings.pooling in ("gem", "rgem") else settings.pooling
+    name += f";keep_aspect={settings.input_size}"
+    if tuple(settings.scales) != (1.0,):
+        name += ";scales=" + ",".join(f"{scale:g}" for scale in settings.scales)
+    if whitening is not None:
+        name += f";whitening={whitening.fingerprint}"
+    return name
+
+
 def model_info(*, feature: str, weights: Weights, gem_p: float, pooling: str = "gem",
-               scales: tuple[float, ...] = (1.0,)) -> common_pb2.ModelInfo:
+               scales: tuple[float, ...] = (1.0,), pooling_text: str | None = None,
+               dimension: int | None = None) -> common_pb2.ModelInfo:
     """The ModelInfo of VGG-16 with these weights; `fingerprint` hashes everything that shapes the vectors.
 
     The fingerprint covers name, feature, dimension, weights fingerprint, preprocessing and
@@ -67,10 +100,10 @@ def model_info(*, feature: str, weights: Weights, gem_p: float, pooling: str = "
     fields = dict(
         name="vgg16",
         feature=feature,
-        dimension=DIMENSIONS[feature],
+        dimension=dimension or DIMENSIONS[feature],
         weights_fingerprint=weights.fingerprint,
         preprocessing=weights.preprocessing,
-        pooling=pooling_name(feature, gem_p, pooling, scales),
+        pooling=pooling_name(feature, gem_p, pooling, scales) if pooling_text is None else pooling_text,
     )
     digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
     return common_pb2.ModelInfo(
@@ -82,8 +115,10 @@ class Embedder:
     """A loaded VGG-16 feature model. `embed_pixels` and `embed_images` may be called from any thread."""
 
     def __init__(self, *, base, model, info: common_pb2.ModelInfo, preprocessing: str, runner: Runner | None = None,
-                 max_batch: int = 32, max_pixels: int = 50_000_000, max_image_bytes: int | None = None):
-        """`runner` runs `model` (see `compile_runner`); None compiles it for Keras."""
+                 max_batch: int = 32, max_pixels: int = 50_000_000, max_image_bytes: int | None = None,
+                 input_size: int = 224, keep_aspect: bool = False):
+        """`runner` runs `model` (see `compile_runner`); None compiles it for Keras. With `keep_aspect`,
+        `model` is the conv trunk and `runner` an `AspectRunner` that takes a list of images of any shape."""
         self._base = base
         self.model = model
         self.info = info
@@ -92,6 +127,8 @@ class Embedder:
         self.max_batch = max_batch
         self.max_pixels = max_pixels
         self.max_image_bytes = max_image_bytes
+        self.input_size = input_size
+        self.keep_aspect = keep_aspect
 
     @classmethod
     def from_settings(cls, settings) -> Embedder:
@@ -102,6 +139,8 @@ class Embedder:
         apply_weights(base, weights)
         if settings.feature == "gem" and weights.include_top:
             base = conv_only(base)
+        if settings.resize == "keep_aspect":
+            return cls._keep_aspect(settings, base, weights)
         model = feature_model(base, feature=settings.feature, preprocessing=weights.preprocessing, gem_p=settings.gem_p,
                               pooling=settings.pooling, scales=settings.scales)
         info = model_info(feature=settings.feature, weights=weights, gem_p=settings.gem_p,
@@ -117,11 +156,29 @@ class Embedder:
             max_batch=settings.max_batch, max_pixels=settings.max_pixels, max_image_bytes=settings.max_image_bytes,
         )
 
+    @classmethod
+    def _keep_aspect(cls, settings, base, weights: Weights) -> Embedder:
+        whitening = load_whitening(settings.whitening)
+        trunk = trunk_model(base, preprocessing=weights.preprocessing)
+        runner = AspectRunner(compile_trunk(trunk), pooling=settings.pooling, gem_p=settings.gem_p,
+                              scales=settings.scales, whitening=whitening, max_batch=settings.max_batch)
+        info = model_info(feature="gem", weights=weights, gem_p=settings.gem_p,
+                          pooling_text=descriptor_name(settings, whitening),
+                          dimension=whitening.dimension if whitening is not None else None)
+        log.info("model ready: vgg16 block5_conv3, %s, %d-d, %s preprocessing, fingerprint %s",
+                 info.pooling, info.dimension, info.preprocessing, info.fingerprint)
+        if whitening is not None:
+            log.info("whitening %s learned on: %s", whitening.fingerprint, whitening.source or "(no provenance given)")
+        return cls(base=base, model=trunk, info=info, preprocessing=weights.preprocessing, runner=runner,
+                   max_batch=settings.max_batch, max_pixels=settings.max_pixels,
+                   max_image_bytes=settings.max_image_bytes, input_size=settings.input_size, keep_aspect=True)
+
     def with_runner(self, runner: Runner) -> Embedder:
         """The same model and info run by `runner` (e.g. `compile_runner(embedder.model, "onnx")`)."""
         return type(self)(
             base=self._base, model=self.model, info=self.info, preprocessing=self._preprocessing, runner=runner,
             max_batch=self.max_batch, max_pixels=self.max_pixels, max_image_bytes=self.max_image_bytes,
+            input_size=self.input_size, keep_aspect=self.keep_aspect,
         )
 
     @property
@@ -129,12 +186,20 @@ class Embedder:
         return self.info.dimension
 
     def decode(self, data: bytes) -> np.ndarray:
-        """One encoded image -> (224, 224, 3) uint8 RGB; BadImage when it cannot be used."""
+        """One encoded image -> (224, 224, 3) uint8 RGB (keep_aspect: (H, W, 3), longer side input_size);
+        BadImage when it cannot be used."""
         with metrics.stage(SERVICE, "decode"):
-            return images.load_image(data, max_pixels=self.max_pixels, max_bytes=self.max_image_bytes)
+            return images.load_image(data, max_pixels=self.max_pixels, max_bytes=self.max_image_bytes,
+                                     size=self.input_size, keep_aspect=self.keep_aspect)
 
-    def embed_pixels(self, batch: np.ndarray) -> np.ndarray:
-        """(N, 224, 224, 3) uint8 RGB -> (N, D) float32, in model calls of at most `max_batch` images."""
+    def embed_pixels(self, batch) -> np.ndarray:
+        """(N, 224, 224, 3) uint8 RGB -> (N, D) float32, in model calls of at most `max_batch` images.
+        keep_aspect: a list of (H, W, 3) uint8 images of any shapes."""
+        if self.keep_aspect:
+            if len(batch) == 0:
+                return np.zeros((0, self.dimension), dtype=np.float32)
+            with metrics.stage(SERVICE, "model"):
+                return self.runner(list(batch))
         batch = np.asarray(batch)
         if batch.ndim != 4 or batch.shape[1:] != INPUT_SHAPE or batch.dtype != np.uint8:
             raise ValueError(f"expected (N, 224, 224, 3) uint8 pixels, got {batch.shape} {batch.dtype}")
@@ -160,14 +225,17 @@ class Embedder:
                 good.append(len(results))
                 results.append(None)
         if pixels:
-            for index, vector in zip(good, self.embed_pixels(np.stack(pixels))):
+            for index, vector in zip(good, self.embed_pixels(pixels if self.keep_aspect else np.stack(pixels))):
                 results[index] = vector
         return results
 
     def warm_up(self) -> None:
         """Run one batch through the model so that tracing and kernel set-up are not paid by a request."""
         with metrics.stage(SERVICE, "warm_up"):
-            self.embed_pixels(np.zeros((1, *INPUT_SHAPE), dtype=np.uint8))
+            if self.keep_aspect:  # a landscape photo's shape; other shapes trace nothing new
+                self.embed_pixels([np.zeros((self.input_size * 3 // 4 // 16 * 16, self.input_size, 3), np.uint8)])
+            else:
+                self.embed_pixels(np.zeros((1, *INPUT_SHAPE), dtype=np.uint8))
 
     def save_weights(self, path: str | Path) -> Path:
         """Write the network's weights as a Keras `.weights.h5` file that `weights=<path>` loads again."""

@@ -32,13 +32,16 @@ _TURNS = {  # EXIF orientation -> transpose, the table of `PIL.ImageOps.exif_tra
 }
 
 
-def load_image(data: bytes, *, max_pixels: int, max_bytes: int | None = None) -> np.ndarray:
-    """Decode `data` (any format Pillow reads) into a (224, 224, 3) uint8 RGB array.
+def load_image(data: bytes, *, max_pixels: int, max_bytes: int | None = None, size: int = SIZE,
+               keep_aspect: bool = False) -> np.ndarray:
+    """Decode `data` (any format Pillow reads) into a uint8 RGB array the network takes.
 
     EXIF orientation is applied, transparency is composited onto white, palette, grayscale,
-    CMYK and 16-bit images are converted to 8-bit RGB, and the result is resized to 224x224
-    (aspect ratio not kept, as Keras's `load_img(target_size=...)` does). Multi-frame images
-    (GIF, TIFF, ...) use their first frame. Raises `BadImage` with a reason a person can act on.
+    CMYK and 16-bit images are converted to 8-bit RGB. The result is resized to size x size
+    (aspect ratio not kept, as Keras's `load_img(target_size=...)` does), or with `keep_aspect` so
+    that its longer side is `size` and its shorter side keeps the image's proportions (rounded to
+    a multiple of 16). Multi-frame images (GIF, TIFF, ...) use their first frame. Raises
+    `BadImage` with a reason a person can act on.
     """
     if not data:
         raise BadImage("the image is empty (0 bytes)")
@@ -63,13 +66,13 @@ def load_image(data: bytes, *, max_pixels: int, max_bytes: int | None = None) ->
                 f"{max_pixels:,}; scale it down before sending it"
             )
         try:
-            # JPEG (and MPO): decode at 1/2, 1/4 or 1/8 scale when that still covers 224x224. Others: no-op.
-            image.draft("RGB", (SIZE, SIZE))
+            # JPEG (and MPO): decode at 1/2, 1/4 or 1/8 scale when that still covers size x size. Others: no-op.
+            image.draft("RGB", (size, size))
             image.load()
         except Exception as error:  # truncated or corrupt data
             raise BadImage(f"the {image.format or 'image'} data is corrupt or truncated{_reason(error)}") from None
         try:
-            return _to_array(image)
+            return _to_array(image, size, keep_aspect)
         except BadImage:
             raise
         except Exception as error:
@@ -78,16 +81,24 @@ def load_image(data: bytes, *, max_pixels: int, max_bytes: int | None = None) ->
             ) from None
 
 
-def _to_array(image: Image.Image) -> np.ndarray:
+def aspect_size(width: int, height: int, longer: int, multiple: int = 16) -> tuple[int, int]:
+    """(w, h) with the longer side `longer` and the shorter one in proportion, both multiples of `multiple`."""
+    scale = longer / max(width, height)
+    return (max(multiple, round(width * scale / multiple) * multiple),
+            max(multiple, round(height * scale / multiple) * multiple))
+
+
+def _to_array(image: Image.Image, size: int = SIZE, keep_aspect: bool = False) -> np.ndarray:
     turn = _orientation(image)
     image = _to_rgb(image)
-    if image.size != (SIZE, SIZE):
-        image = image.resize((SIZE, SIZE), Image.Resampling.BILINEAR, reducing_gap=3.0)
-    if turn is not None:  # on the small square image: cheaper than turning the full one, same result
+    target = aspect_size(*image.size, size) if keep_aspect else (size, size)
+    if image.size != target:
+        image = image.resize(target, Image.Resampling.BILINEAR, reducing_gap=3.0)
+    if turn is not None:  # on the small resized image: cheaper than turning the full one, same result
         image = image.transpose(turn)
     array = np.asarray(image, dtype=np.uint8)
-    if array.shape != (SIZE, SIZE, 3):  # cannot happen for an RGB image; guards the contract
-        raise BadImage(f"decoded to shape {array.shape}, expected {(SIZE, SIZE, 3)}")
+    if array.ndim != 3 or array.shape[2] != 3:  # cannot happen for an RGB image; guards the contract
+        raise BadImage(f"decoded to shape {array.shape}, expected (height, width, 3)")
     return np.ascontiguousarray(array)
 
 

@@ -153,6 +153,31 @@ def feature_model(base: keras.Model, *, feature: str, preprocessing: str, gem_p:
     return keras.Model(pixels, x, name=f"vgg16_{feature}_multiscale")
 
 
+def trunk_model(base: keras.Model, *, preprocessing: str) -> keras.Model:
+    """(N, H, W, 3) uint8 RGB of any H, W -> (N, H/16, W/16, 512) block5_conv3 activations (after ReLU),
+    with the layers (and weights) of `base`. The descriptor is made from them in NumPy (`descriptor`)."""
+    pixels = keras.Input(shape=(None, None, 3), dtype="uint8", name="pixels")
+    x = Preprocess(preprocessing, name=f"preprocess_{preprocessing}")(pixels)
+    for layer in base.layers:
+        if isinstance(layer, keras.layers.InputLayer):
+            continue
+        x = layer(x)
+        if layer.name == "block5_conv3":
+            break
+    return keras.Model(pixels, x, name="vgg16_block5_conv3")
+
+
+def compile_trunk(model: keras.Model):
+    """A traced `model(x, training=False)` for (N, H, W, 3) uint8 of any H, W (one trace for every shape)."""
+    signature = [tf.TensorSpec(shape=(None, None, None, 3), dtype=tf.uint8, name="pixels")]
+    call = tf.function(lambda pixels: model(pixels, training=False), input_signature=signature)
+
+    def run(batch: np.ndarray) -> np.ndarray:
+        return call(tf.convert_to_tensor(batch, dtype=tf.uint8)).numpy()
+
+    return run
+
+
 def compile_inference(model: keras.Model):
     """A traced `model(x, training=False)`: takes an (N, 224, 224, 3) uint8 array, returns (N, D) float32.
 

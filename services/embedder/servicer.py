@@ -76,7 +76,7 @@ class EmbedderServicer(embedder_pb2_grpc.EmbedderServicer):
                     results[index].error = str(error)
                     log.debug("image %d of %d refused: %s", index, count, error)
             if pixels:
-                vectors = batcher.embed(np.stack(pixels), arrival=arrival)
+                vectors = batcher.embed(pixels if embedder.keep_aspect else np.stack(pixels), arrival=arrival)
         for index, vector in zip(good, vectors):
             results[index].vector.CopyFrom(to_proto(vector))
         return embedder_pb2.EmbedResponse(results=results, model_fingerprint=embedder.info.fingerprint)

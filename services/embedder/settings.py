@@ -27,9 +27,19 @@ class EmbedderSettings(ServerSettings):
     )
     random_seed: int = Field(0, ge=0, description="seed of weights=random")
     gem_p: float = Field(3.0, gt=0, description="GeM pooling exponent (1 = average pooling, large = max)")
-    pooling: Literal["gem", "mac", "avg"] = Field(
-        "gem", description="pooling of block5_conv3 for feature gem: gem (GeM with gem_p), mac (max), avg (average)"
+    pooling: Literal["gem", "mac", "avg", "rmac", "rgem"] = Field(
+        "gem", description="pooling of block5_conv3 for feature gem: gem (GeM with gem_p), mac (max), avg (average); "
+        "with resize=keep_aspect also rmac / rgem (regional max / GeM over a 3-level grid)"
     )
+    resize: Literal["squash", "keep_aspect"] = Field(
+        "squash", description="squash: the image resized to input_size x input_size (the original VGG-16 input); "
+        "keep_aspect: its longer side to input_size, proportions kept (feature gem)"
+    )
+    input_size: int = Field(224, ge=32, le=2048, description="the network's input: the square side (squash, 224 "
+                            "only) or the longer side (keep_aspect)")
+    whitening: str = Field("", description="whitening of the descriptor (resize=keep_aspect): a .npz file with mean, "
+                           "projection and source, or the name of one shipped in services/embedder/whitening/; "
+                           "empty = none")
     scales: Annotated[tuple[float, ...], NoDecode] = Field(
         (1.0,),
         description="image scales whose pooled vectors are averaged (multi-scale), e.g. 1,1.414; "
@@ -96,4 +106,13 @@ class EmbedderSettings(ServerSettings):
         if self.feature == "fc1" and self.scales != (1.0,):
             raise ValueError("feature fc1 takes the fixed 224x224 input of VGG-16's top: it has no multi-scale "
                              "option (use scales=1, or feature gem)")
+        if self.resize == "squash" and self.input_size != 224:
+            raise ValueError(f"input_size={self.input_size} needs resize=keep_aspect: the squashed input is VGG-16's "
+                             "224 x 224")
+        if self.resize == "squash" and (self.pooling in ("rmac", "rgem") or self.whitening):
+            raise ValueError(f"pooling={self.pooling} and whitening need resize=keep_aspect")
+        if self.resize == "keep_aspect" and self.feature != "gem":
+            raise ValueError("resize=keep_aspect needs feature gem: fc1 takes the fixed 224 x 224 input")
+        if self.resize == "keep_aspect" and self.backend != "keras":
+            raise ValueError("resize=keep_aspect runs on the keras backend only (the ONNX export takes 224 x 224)")
         return self
