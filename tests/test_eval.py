@@ -68,17 +68,18 @@ def test_copy_detection_reports_every_edit_and_goes_on_past_unreadable_images(tm
 
     assert [r["image"] for r in result["rejects"]] == ["broken.jpg"]
     assert "not an image" in result["rejects"][0]["reason"] and "0x" not in result["rejects"][0]["reason"]
-    assert result["collection"] == {"images": 6, "usable": 5, "distractors": 2, "indexed": 7,
-                                         "edits": list(EDITS), "queries": 15}
+    collection = result["collection"]
+    assert {k: collection[k] for k in ("mode", "pool", "usable", "distractors", "indexed", "families", "queries")} == {
+        "mode": "edits", "pool": 6, "usable": 5, "distractors": 2, "indexed": 7, "families": list(EDITS), "queries": 15}
     copies = result["copies"]
-    assert list(copies["per_edit"]) == list(EDITS)
+    assert list(copies["per_family"]) == list(EDITS)
     ranks = {row["query"]: row["rank"] for row in copies["per_query"]}
     assert set(ranks) == {f"{p}#{e}" for p in PHOTOS for e in EDITS}
     assert copies["recall@1"] == pytest.approx(np.mean([r == 1 for r in ranks.values()]))
     assert copies["map"] == pytest.approx(np.mean([1 / r if r else 0 for r in ranks.values()]))
     # A JPEG recompression changes little: even random conv features find the original first.
-    assert copies["per_edit"]["jpeg"]["recall@1"] == 1.0
-    assert all(row["params"] for row in copies["per_query"] if row["edit"] != "flip")
+    assert copies["per_family"]["jpeg"]["recall@1"] == 1.0
+    assert all(row["params"] for row in copies["per_query"] if row["family"] != "flip")
     # 7 originals/distractors + 15 queries, the broken file never reached the model
     assert embedding.images == 7 + 15
     assert result["index"]["items"] == 7 and result["ann"][-1]["is_default"]
@@ -151,7 +152,9 @@ def test_bad_collections_stop_with_a_message_before_any_model_runs(tmp_path, emb
     broken.mkdir()
     (broken / "a.jpg").write_bytes(b"nope")
     with pytest.raises(EvalError, match="none of the 1 images"):
-        run_copies(broken, options(), embedding=embedding)
+        run_copies(broken, options(), families=("jpeg",), embedding=embedding)
+    with pytest.raises(EvalError, match="overlay and collage copies paste onto photos outside the gallery"):
+        run_copies(broken, options(), families=("collage",), embedding=embedding)
 
 
 @pytest.mark.slow

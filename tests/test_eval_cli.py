@@ -23,13 +23,14 @@ def test_eval_copies_prints_tables_and_writes_json(tmp_path):
                                        "--json", str(report), "--no-progress", "--search-k", "0"])
 
     assert result.exit_code == 0, result.output
-    assert "Copy detection: 6 edited queries of 3 images, 3 images indexed (0 distractors)" in result.output
-    assert "| edit" in result.output and "| **all**" in result.output
+    assert "Copy detection: 6 queries (2 edits) of 3 originals, 3 images indexed (0 distractors)" in result.output
+    assert "| family" in result.output and "| **all**" in result.output
     assert "recall@50 vs exact" not in result.output and "recall@3 vs exact" in result.output  # k capped at the items
-    assert "empty.png: empty image" in result.output  # the reject, with its reason
+    assert "empty.png: " in result.output and "empty" in result.output.split("empty.png: ")[1].splitlines()[0]  # the reject, with its reason
     data = json.loads(report.read_text())
     assert data["protocol"] == "copies" and data["index_spec"]["metric"] == "angular"
-    assert data["copies"]["queries"] == 6 and set(data["copies"]["per_edit"]) == {"jpeg", "flip"}
+    assert data["copies"]["queries"] == 6 and set(data["copies"]["per_family"]) == {"jpeg", "flip"}
+    assert all("top1" in row for row in data["copies"]["per_query"])
     assert data["embedding"]["model"]["weights_source"] == "random:0"
 
 

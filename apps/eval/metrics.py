@@ -105,3 +105,41 @@ def ann_recall(found: Sequence[Sequence[int]], exact: np.ndarray) -> float:
 
 def percentile_ms(seconds: Sequence[float], q: float) -> float:
     return float(np.percentile(np.asarray(seconds) * 1000.0, q)) if len(seconds) else float("nan")
+
+
+def group_weighted_mean(values: Sequence[float], groups: Sequence[str]) -> float:
+    """The mean over groups of the mean over each group's queries: every group counts once, however many
+    images it holds (query-weighted means let the few large groups dominate)."""
+    by_group: dict[str, list[float]] = {}
+    for value, group in zip(values, groups):
+        by_group.setdefault(group, []).append(float(value))
+    return float(np.mean([np.mean(v) for v in by_group.values()])) if by_group else float("nan")
+
+
+def bootstrap_interval(differences: Sequence[float], clusters: Sequence[str], *, weighting: str = "query",
+                       resamples: int = 2000, seed: int = 0, level: float = 0.95) -> tuple[float, float, float]:
+    """Mean of paired per-query differences and its `level` interval from a bootstrap over clusters
+    (groups, or the originals of copy detection): queries of one cluster are not independent, so whole
+    clusters are resampled. `weighting`: "query" (mean over queries) or "group" (mean of cluster means)."""
+    differences = np.asarray(differences, dtype=np.float64)
+    if len(differences) == 0:
+        return float("nan"), float("nan"), float("nan")
+    names = sorted(set(clusters))
+    index = {name: i for i, name in enumerate(names)}
+    of = np.array([index[c] for c in clusters])
+    sums = np.bincount(of, weights=differences, minlength=len(names))
+    counts = np.bincount(of, minlength=len(names)).astype(np.float64)
+
+    def estimate(weights: np.ndarray) -> np.ndarray:  # weights: (resamples, clusters) multiplicities
+        if weighting == "group":
+            return (weights @ (sums / counts)) / weights.sum(axis=1)
+        return (weights @ sums) / (weights @ counts)
+
+    point = float(estimate(np.ones((1, len(names))))[0])
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, len(names), size=(resamples, len(names)))
+    weights = np.zeros((resamples, len(names)))
+    np.add.at(weights, (np.arange(resamples)[:, None], draws), 1.0)
+    values = estimate(weights)
+    tail = (1 - level) / 2 * 100
+    return point, float(np.percentile(values, tail)), float(np.percentile(values, 100 - tail))

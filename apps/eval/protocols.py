@@ -5,13 +5,16 @@ embedder service with `--embedder TARGET`), the index is a real bundle written b
 `cbir.bundle.write_bundle` (PCA, Annoy, item table) and searched with the indexer's
 `services.indexer.index.SearchIndex`, so the numbers are what users of that configuration get.
 
-- **labelled groups** (UKBench-style): a folder with one sub-folder per group (`group/xxx.jpg`),
-  or a CSV/JSONL manifest with a group column. Every image queries the rest of the collection.
+- **labelled groups** (UKBench-style): a folder with one sub-folder per group (`group/xxx.jpg`), or
+  one sub-folder per dataset holding one per group (`dataset/group/xxx.jpg`, devbench's layout), or
+  a CSV/JSONL manifest with a group (and optional dataset) column. Every image queries the rest of
+  the collection; distractors (`--distractors`) join the index, never as queries.
   A collection without groups (the demo photos) can be given groups made of each image and
   seeded edits of it (`groups_from_edits`).
-- **copy detection** (Copydays-style): queries are seeded edits (`apps.eval.edits`) of the
-  collection's images, never indexed themselves; the original is the one relevant hit. The
-  collection may be padded with distractor images.
+- **copy detection** (DISC21-style): queries are seeded augly copies (`apps.eval.copies`), or the
+  older Pillow edits (`apps.eval.edits`), of sampled originals, never indexed themselves; the
+  original is the one relevant hit, and gallery images labelled with the original's group (other
+  views of the same object) are left out of its ranking rather than counted as misses.
 
 Bad input does not stop a run: unreadable images are reported (`rejects`) and left out, groups
 left with one image become distractors (indexed, never queried), with a warning that says so.
@@ -29,10 +32,11 @@ from typing import Sequence
 import numpy as np
 
 from cbir.errors import BadImage
+from apps.eval import copies as copies_module
 from apps.eval import edits as edits_module
 from apps.eval import metrics
 from apps.eval.embedding import Job
-from apps.eval.indexes import BuiltIndex
+from apps.eval.indexes import BuiltIndex, search_queries
 from apps.ingest.sources import read_bytes
 from apps.ingest.sources import SourceError, SourceItem, list_source
 
@@ -80,6 +84,38 @@ def edit_job(item: SourceItem, edit: str, seed: int, params: dict[str, dict]) ->
     return Job(key, load)
 
 
+def copy_job(item: SourceItem, family: str, seed: int, params: dict[str, dict], backgrounds=()) -> Job:
+    """The job of one augly copy (`apps.eval.copies`); the drawn parameters land in `params[key]`."""
+    key = f"{item.item_id}{EDIT_SEPARATOR}{family}"
+
+    def load() -> bytes:
+        original = read_bytes(item, max_bytes=MAX_IMAGE_BYTES)
+        try:
+            copy = copies_module.make_copy(edits_module.open_rgb(original), family, seed=seed, key=item.item_id,
+                                           backgrounds=backgrounds)
+        except (OSError, ValueError, SyntaxError) as error:
+            raise BadImage(f"cannot make the {family} copy: {type(error).__name__}: {error}") from None
+        params[key] = copy.params
+        return copy.data
+
+    return Job(key, load)
+
+
+def background_loader(item: SourceItem, max_side: int = 640):
+    """A loader of one overlay/collage photo (reduced to `max_side`, decoded once, thread-safe enough:
+    a race decodes it twice)."""
+    cache: list = []
+
+    def load():
+        if not cache:
+            image = edits_module.open_rgb(read_bytes(item, max_bytes=MAX_IMAGE_BYTES))
+            image.thumbnail((max_side, max_side))
+            cache.append(image)
+        return cache[0]
+
+    return load
+
+
 def sample(items: list[SourceItem], count: int | None, seed: int) -> list[SourceItem]:
     """A seeded sample of `count` items (all when None or >= len), in the original order."""
     if not count or count >= len(items):
@@ -96,20 +132,38 @@ class Groups:
     group_of: dict[str, str | None]
     jobs: list[Job]
     warnings: list[str] = dataclasses.field(default_factory=list)
+    dataset_of: dict[str, str] = dataclasses.field(default_factory=dict)  # group -> dataset
 
 
-def groups_from_source(source: str | pathlib.Path, group_column: str = "group") -> Groups:
-    """Folder: the group of `a/b/x.jpg` is `a/b` (images at the top level have none). Manifest: the
-    `group_column` column (rows without one have none). Images without a group are distractors."""
+def folder_layout(item_ids: list[str]) -> str:
+    """'nested' when every image in a sub-folder is two levels deep (dataset/group/x.jpg), else 'flat'
+    (the group is the image's folder)."""
+    depths = {item_id.count("/") for item_id in item_ids if "/" in item_id}
+    return "nested" if depths == {2} else "flat"
+
+
+def groups_from_source(source: str | pathlib.Path, group_column: str = "group",
+                       dataset_column: str = "dataset") -> Groups:
+    """Folder: the group of `a/b/x.jpg` is `a/b` (images at the top level have none); when every grouped
+    image is two levels deep (`dataset/group/x.jpg`) the first level is the group's dataset, otherwise
+    the folder's name is. Manifest: the `group_column` column (rows without one have none) and the
+    optional `dataset_column`. Images without a group are distractors."""
     items = list_collection(source)
     is_folder = pathlib.Path(source).is_dir()
+    nested = is_folder and folder_layout([item.item_id for item in items]) == "nested"
+    default_dataset = pathlib.Path(source).resolve().name if is_folder else pathlib.Path(source).stem
     group_of: dict[str, str | None] = {}
+    dataset_of: dict[str, str] = {}
     for item in items:
         if is_folder:
-            parent = item.item_id.rpartition("/")[0]
-            group_of[item.item_id] = parent or None
+            group = item.item_id.rpartition("/")[0] or None
+            dataset = group.split("/", 1)[0] if nested and group else default_dataset
         else:
-            group_of[item.item_id] = item.metadata.get(group_column) or None
+            group = item.metadata.get(group_column) or None
+            dataset = item.metadata.get(dataset_column) or default_dataset
+        group_of[item.item_id] = group
+        if group is not None:
+            dataset_of.setdefault(group, dataset)
     warnings = []
     ungrouped = sum(1 for g in group_of.values() if g is None)
     if ungrouped:
@@ -117,7 +171,7 @@ def groups_from_source(source: str | pathlib.Path, group_column: str = "group") 
                  else f"without a value in column {group_column!r}")
         warnings.append(f"{ungrouped} of {len(items)} images are {where}: they are indexed as distractors, "
                         f"never queried")
-    return Groups([item.item_id for item in items], group_of, [file_job(item) for item in items], warnings)
+    return Groups([item.item_id for item in items], group_of, [file_job(item) for item in items], warnings, dataset_of)
 
 
 def groups_from_edits(items: list[SourceItem], size: int, edits: Sequence[str], seed: int,
@@ -142,7 +196,7 @@ def groups_from_edits(items: list[SourceItem], size: int, edits: Sequence[str], 
             keys.append(job.key)
             group_of[job.key] = item.item_id
             jobs.append(job)
-    return Groups(keys, group_of, jobs)
+    return Groups(keys, group_of, jobs, dataset_of={item.item_id: "edits" for item in items})
 
 
 def effective_groups(groups: Groups, embedded: set[str]) -> tuple[dict[str, list[str]], list[str]]:
@@ -165,71 +219,118 @@ def effective_groups(groups: Groups, embedded: set[str]) -> tuple[dict[str, list
 
 
 def evaluate_groups(built: BuiltIndex, vectors: dict[str, np.ndarray], members: dict[str, list[str]],
-                    *, depth: int = 100, search_k: int = 0) -> dict:
-    """Every grouped image queries the index (itself left out of its ranking)."""
+                    *, depth: int = 100, search_k: int = 0, dataset_of: dict[str, str] | None = None,
+                    details: bool = True) -> dict:
+    """Every grouped image queries the index (itself left out of its ranking); positives are the rest of
+    its group. mAP both query-weighted (`map`) and group-weighted (`map_groups`: every group counts
+    once); per dataset and (with `details`) per group and per query, each query with its top hit."""
+    dataset_of = dataset_of or {}
     queries = [(group, key) for group, keys in members.items() for key in keys]
     if not queries:
         raise EvalError("no group has two or more usable images: nothing to evaluate")
-    ranked, seconds = built.search(np.stack([vectors[key] for _, key in queries]), depth + 1, search_k)
+    ranked, seconds = search_queries(built, np.stack([vectors[key] for _, key in queries]), depth + 1, search_k)
     rows = []
     for (group, key), ranking in zip(queries, ranked):
         rest = [item for item in ranking if item != key][:depth]
         mates = set(members[group]) - {key}
         rows.append({
-            "query": key, "group": group, "ap": metrics.average_precision(rest, mates),
+            "query": key, "group": group, "dataset": dataset_of.get(group, ""),
+            "ap": metrics.average_precision(rest, mates),
             "r1": metrics.recall_at(rest, mates, 1), "r5": metrics.recall_at(rest, mates, 5),
             "r10": metrics.recall_at(rest, mates, 10), "ns": metrics.ns_score(rest, mates),
             "first_rank": metrics.first_rank(rest, mates),
+            "top1": rest[0] if rest else None, "top1_relevant": bool(rest) and rest[0] in mates,
         })
-    return {
-        "queries": len(rows), "groups": len(members),
-        "map": metrics.mean(r["ap"] for r in rows), "map_stderr": metrics.stderr(r["ap"] for r in rows),
-        "recall@1": metrics.mean(r["r1"] for r in rows), "recall@5": metrics.mean(r["r5"] for r in rows),
-        "recall@10": metrics.mean(r["r10"] for r in rows), "ns": metrics.mean(r["ns"] for r in rows),
+    result = groups_summary(rows) | {
+        "ns": metrics.mean(r["ns"] for r in rows),
         "ns_max": metrics.mean(min(4, len(members[r["group"]])) for r in rows),
         "query_p50_ms": metrics.percentile_ms(seconds, 50),
-        "per_query": rows,
     }
+    by_dataset: dict[str, list[dict]] = {}
+    for row in rows:
+        by_dataset.setdefault(row["dataset"], []).append(row)
+    result["per_dataset"] = {name: groups_summary(selected) for name, selected in sorted(by_dataset.items())}
+    if details:
+        by_group: dict[str, list[dict]] = {}
+        for row in rows:
+            by_group.setdefault(row["group"], []).append(row)
+        result["per_group"] = {group: {"dataset": selected[0]["dataset"], "images": len(members[group]),
+                                       "ap": metrics.mean(r["ap"] for r in selected),
+                                       "recall@1": metrics.mean(r["r1"] for r in selected)}
+                               for group, selected in by_group.items()}
+        result["per_query"] = rows
+    return result
+
+
+def groups_summary(rows: list[dict]) -> dict:
+    """Query- and group-weighted mAP, recall@1/5/10 of some per-query rows of `evaluate_groups`."""
+    aps, groups = [r["ap"] for r in rows], [r["group"] for r in rows]
+    return {
+        "queries": len(rows), "groups": len(set(groups)),
+        "map": metrics.mean(aps), "map_stderr": metrics.stderr(aps),
+        "map_groups": metrics.group_weighted_mean(aps, groups),
+        "recall@1": metrics.mean(r["r1"] for r in rows), "recall@5": metrics.mean(r["r5"] for r in rows),
+        "recall@10": metrics.mean(r["r10"] for r in rows),
+    }
+
+
+def copies_summary(rows: list[dict]) -> dict:
+    ranks = [r["rank"] for r in rows]
+    found = [rank for rank in ranks if rank is not None]
+    return {"queries": len(rows), "recall@1": metrics.mean(r["r1"] for r in rows),
+            "recall@10": metrics.mean(r["r10"] for r in rows), "map": metrics.mean(r["ap"] for r in rows),
+            "median_rank": float(np.median(found)) if len(found) == len(ranks) and ranks else None,
+            "not_found": len(ranks) - len(found)}
 
 
 def evaluate_copies(built: BuiltIndex, vectors: dict[str, np.ndarray], queries: list[tuple[str, str, str]],
-                    *, depth: int = 100, search_k: int = 0) -> dict:
-    """`queries`: (query key, original's key, edit). The original is the one relevant hit."""
+                    *, depth: int = 100, search_k: int = 0, ignore: dict[str, set[str]] | None = None,
+                    families: Sequence[str] = (), details: bool = True) -> dict:
+    """`queries`: (query key, original's key, family). The original is the one relevant hit; the gallery
+    images in `ignore[original]` (other views of the same object) are left out of that query's ranking,
+    neither hits nor misses. Per family and overall: recall@1/@10, mAP, the rank of the original."""
     if not queries:
         raise EvalError("no copy-detection queries could be made: nothing to evaluate")
-    ranked, seconds = built.search(np.stack([vectors[key] for key, _, _ in queries]), depth, search_k)
+    ignore = ignore or {}
+    most_ignored = max((len(v) for v in ignore.values()), default=0)
+    ranked, seconds = search_queries(built, np.stack([vectors[key] for key, _, _ in queries]), depth + most_ignored,
+                                     search_k)
     rows = []
-    for (key, original, edit), ranking in zip(queries, ranked):
-        rank = metrics.first_rank(ranking, {original})
-        rows.append({"query": key, "original": original, "edit": edit, "rank": rank,
-                     "ap": metrics.average_precision(ranking, {original}),
-                     "r1": float(rank == 1), "r10": float(rank is not None and rank <= 10)})
-
-    def summary(selected: list[dict]) -> dict:
-        return {"queries": len(selected), "recall@1": metrics.mean(r["r1"] for r in selected),
-                "recall@10": metrics.mean(r["r10"] for r in selected), "map": metrics.mean(r["ap"] for r in selected)}
-
-    per_edit = {}
+    for (key, original, family), ranking in zip(queries, ranked):
+        skip = ignore.get(original, set()) - {original}
+        kept = [item for item in ranking if item not in skip][:depth]
+        rank = metrics.first_rank(kept, {original})
+        rows.append({"query": key, "original": original, "family": family, "rank": rank,
+                     "ap": metrics.average_precision(kept, {original}),
+                     "r1": float(rank == 1), "r10": float(rank is not None and rank <= 10),
+                     "top1": kept[0] if kept else None, "top1_relevant": bool(kept) and kept[0] == original,
+                     "ignored": sum(1 for item in ranking[:len(kept) + len(skip)] if item in skip)})
+    per_family: dict[str, list[dict]] = {}
     for row in rows:
-        per_edit.setdefault(row["edit"], []).append(row)
-    order = [e for e in edits_module.EDIT_NAMES if e in per_edit]
-    return {
-        **summary(rows),
+        per_family.setdefault(row["family"], []).append(row)
+    order = [f for f in families if f in per_family] + [f for f in per_family if f not in families]
+    result = {
+        **copies_summary(rows),
         "map_stderr": metrics.stderr(r["ap"] for r in rows),
-        "per_edit": {edit: summary(per_edit[edit]) for edit in order},
+        "per_family": {family: copies_summary(per_family[family]) for family in order},
         "query_p50_ms": metrics.percentile_ms(seconds, 50),
-        "per_query": rows,
     }
+    if details:
+        result["per_query"] = rows
+    return result
 
 
-def copy_queries(items: list[SourceItem], edits: Sequence[str], seed: int,
-                 params: dict[str, dict]) -> tuple[list[Job], list[tuple[str, str, str]]]:
+def copy_queries(items: list[SourceItem], names: Sequence[str], seed: int, params: dict[str, dict],
+                 backgrounds=None) -> tuple[list[Job], list[tuple[str, str, str]]]:
+    """One query per item and name: augly copies (`apps.eval.copies`) when `backgrounds` is given (a
+    list of loaders of photos outside the gallery, possibly empty), else the Pillow edits (`apps.eval.edits`)."""
     jobs, queries = [], []
     for item in items:
-        for edit in edits:
-            job = edit_job(item, edit, seed, params)
+        for name in names:
+            job = (edit_job(item, name, seed, params) if backgrounds is None
+                   else copy_job(item, name, seed, params, backgrounds))
             jobs.append(job)
-            queries.append((job.key, item.item_id, edit))
+            queries.append((job.key, item.item_id, name))
     return jobs, queries
 
 

@@ -38,22 +38,69 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]], *, digits: int 
     return "\n".join([line(headers), rule] + [line(row) for row in cells])
 
 
-def mb(num_bytes: int | float | None) -> float | None:
-    return None if num_bytes is None else num_bytes / 1e6
-
-
 def groups_table(result: dict) -> str:
+    """Overall: query- and group-weighted mAP, recall@1/5/10, N-S."""
     return table(
-        ["queries", "groups", "mAP", "recall@1", "recall@5", "recall@10", "N-S (max)"],
-        [[result["queries"], result["groups"], result["map"], result["recall@1"], result["recall@5"],
-          result["recall@10"], f"{result['ns']:.2f} ({result['ns_max']:.2f})"]],
+        ["queries", "groups", "mAP (queries)", "mAP (groups)", "recall@1", "recall@5", "recall@10", "N-S (max)"],
+        [[result["queries"], result["groups"], result["map"], result["map_groups"], result["recall@1"],
+          result["recall@5"], result["recall@10"], f"{result['ns']:.2f} ({result['ns_max']:.2f})"]],
     )
 
 
+def datasets_table(result: dict) -> str:
+    rows = [[name or "–", s["groups"], s["queries"], s["map_groups"], s["map"], s["recall@1"]]
+            for name, s in result["per_dataset"].items()]
+    return table(["dataset", "groups", "queries", "mAP (groups)", "mAP (queries)", "recall@1"], rows)
+
+
+def per_group_table(result: dict) -> str:
+    rows = sorted(result["per_group"].items(), key=lambda kv: (kv[1]["dataset"], kv[1]["ap"]))
+    return table(["group", "dataset", "images", "AP", "recall@1"],
+                 [[g, s["dataset"] or "–", s["images"], s["ap"], s["recall@1"]] for g, s in rows])
+
+
+def gallery_table(rows: list[dict], protocol: str) -> str:
+    """Quality at gallery size: the same queries against nested, seeded subsets of the distractors."""
+    if protocol == "groups":
+        return table(["distractors", "gallery", "mAP (queries)", "mAP (groups)", "recall@1", "recall@10"],
+                     [[r["distractors"], r["gallery"], r["map"], r["map_groups"], r["recall@1"], r["recall@10"]]
+                      for r in rows])
+    return table(["other gallery images", "gallery", "recall@1", "recall@10", "mAP"],
+                 [[r["distractors"], r["gallery"], r["recall@1"], r["recall@10"], r["map"]] for r in rows])
+
+
 def copies_table(result: dict) -> str:
-    rows = [[edit, s["queries"], s["recall@1"], s["recall@10"], s["map"]] for edit, s in result["per_edit"].items()]
-    rows.append(["all", result["queries"], result["recall@1"], result["recall@10"], result["map"]])
-    return table(["edit", "queries", "recall@1", "recall@10", "mAP"], rows, bold_rows=[len(rows) - 1])
+    per = result.get("per_family") or result.get("per_edit") or {}
+    rows = [[name, s["queries"], s["recall@1"], s["recall@10"], s["map"], s.get("median_rank"), s.get("not_found")]
+            for name, s in per.items()]
+    rows.append(["all", result["queries"], result["recall@1"], result["recall@10"], result["map"],
+                 result.get("median_rank"), result.get("not_found")])
+    return table(["family", "queries", "recall@1", "recall@10", "mAP", "median rank", "not in top k"], rows,
+                 bold_rows=[len(rows) - 1])
+
+
+def ms_text(embedding: dict) -> str:
+    """'N ms per image', or 'cached' when no image went through the model in this run (a figure from an
+    earlier run would be stale)."""
+    if embedding.get("cached"):
+        return "cached (no image embedded in this run: no ms/image)"
+    ms = embedding.get("ms_per_image")
+    if ms is None:
+        return "no image embedded"
+    cached = embedding.get("from_cache") or 0
+    return f"{ms:.0f} ms per image" + (f" (over the {embedding['embedded_now']:,} embedded now; {cached:,} from the cache)"
+                                       if cached else "")
+
+
+def diff_table(rows: list[dict]) -> str:
+    """Rows of `apps.eval.diff.paired_diff`: mean paired difference [95 % interval]."""
+    def cell(value):
+        mean, low, high = value
+        return f"{mean:+.3f} [{low:+.3f}, {high:+.3f}]"
+
+    return table(["subset", "queries", "clusters", "A mAP", "B mAP", "Δ AP (queries)", "Δ AP (groups)", "Δ recall@1"],
+                 [[r["subset"], r["queries"], r["clusters"], r["a_map"], r["b_map"], cell(r["ap"]), cell(r["ap_groups"]),
+                   cell(r["r1"])] for r in rows])
 
 
 def ann_table(rows: list[dict]) -> str:

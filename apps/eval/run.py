@@ -16,12 +16,14 @@ from typing import Sequence
 import numpy as np
 
 from cbir.bundle import model_to_dict
+from apps.eval import copies as copies_module
 from apps.eval import edits as edits_module
 from apps.eval.embedding import Embedded, ModelSpec, VectorCache, embed_jobs, make_embedding
-from apps.eval.indexes import BuiltIndex, IndexSpec, ann_recall_rows
+from apps.eval.indexes import BuiltIndex, IndexSpec, ann_recall_rows, gallery_levels
 from apps.eval.protocols import (
     DISTRACTOR_PREFIX,
     EvalError,
+    background_loader,
     copy_queries,
     effective_groups,
     evaluate_copies,
@@ -84,11 +86,16 @@ class _Vectors:
             self.embedding.close()
 
     def summary(self) -> dict:
+        """ms_per_image is measured on the images embedded in this run only; when every vector came from
+        the cache it is None and `cached` says so (a figure from an earlier run would be stale: another
+        machine, another load)."""
+        total = len(self.vectors)
         return {
             "model": model_to_dict(self.info),
             "embedded_now": self.embedded,
-            "ms_per_image": 1000.0 * self.model_seconds / self.embedded if self.embedded else (
-                self.cache.ms_per_image if self.cache else None),
+            "from_cache": total - self.embedded,
+            "cached": total > 0 and self.embedded == 0,
+            "ms_per_image": 1000.0 * self.model_seconds / self.embedded if self.embedded else None,
         }
 
 
@@ -125,58 +132,146 @@ def _index_summary(built: BuiltIndex) -> dict:
 
 def _no_groups_message(source, group_column: str, what: str) -> str:
     return (f"{source}: {what}, so no query has anything to find. Put each group's images in a sub-folder "
-            f"(group/xxx.jpg), or give a manifest a '{group_column}' column; a collection without groups can be "
-            f"evaluated with --from-edits 4 or with `cbir eval copies`")
+            f"(group/xxx.jpg or dataset/group/xxx.jpg), or give a manifest a '{group_column}' column; a collection "
+            f"without groups can be evaluated with --from-edits 4 or with `cbir eval copies`")
 
 
-def run_copies(source, options: EvalOptions, *, edits: Sequence[str] = edits_module.EDIT_NAMES,
-               distractors=None, max_images: int | None = None, embedding=None) -> dict:
-    """Copy detection: edited copies of the collection's images query an index of the originals.
+DEFAULT_GALLERY_SIZES = (100, 1000, "all")
 
-    `embedding`: a `apps.ingest.embedding` Local/RemoteEmbedding to use instead of building one
-    from `options.model`.
+
+def _distractor_keys(distractors, vectors: "_Vectors", desc: str = "distractors") -> list[str]:
+    """Embed a distractor tree (keys prefixed, so they never collide with the collection's) -> the usable keys."""
+    if not distractors:
+        return []
+    items = list_collection(distractors)
+    vectors.embed([file_job(item, DISTRACTOR_PREFIX + item.item_id) for item in items], desc)
+    return [DISTRACTOR_PREFIX + item.item_id for item in items if DISTRACTOR_PREFIX + item.item_id in vectors.vectors]
+
+
+def _at_gallery_sizes(core: list[str], extra: list[str], sizes, options: EvalOptions, vectors: "_Vectors",
+                      scratch: pathlib.Path, evaluate) -> list[dict]:
+    """The protocol (`evaluate(built) -> summary`) over nested galleries: `core` + seeded subsets of `extra`."""
+    rows = []
+    for label, count, ids in gallery_levels(core, extra, sizes, options.seed):
+        built = BuiltIndex(scratch / f"gallery-{count}", ids, np.stack([vectors.vectors[k] for k in ids]),
+                           vectors.info, options.index)
+        try:
+            rows.append({"distractors": label, "distractor_count": count, "gallery": len(ids)} | evaluate(built))
+        finally:
+            built.close()
+    return rows
+
+
+def run_copies(source, options: EvalOptions, *, families: Sequence[str] | None = copies_module.FAMILIES,
+               edits: Sequence[str] | None = None, distractors=None, originals: int | None = 100,
+               labelled: bool = False, backgrounds=None, background_count: int = 50,
+               gallery_sizes=DEFAULT_GALLERY_SIZES, embedding=None, max_images: int | None = None) -> dict:
+    """Copy detection: per original one seeded copy per augly family (`families`), or per Pillow edit
+    (`edits`, the older protocol), query a gallery of every image of SOURCE (the originals included)
+    and the `distractors`.
+
+    originals: a seeded sample of this many images of SOURCE (None: all). The overlay and collage
+    families paste onto photos outside the gallery: `backgrounds` (a folder), or else
+    `background_count` seeded images of SOURCE held out of the gallery. `labelled`: SOURCE is a
+    labelled-groups folder; gallery images of an original's group are other views of it, left out of
+    its ranking. `max_images`: the older name of `originals`. `embedding`: a LocalEmbedding or
+    RemoteEmbedding to use instead of building one from `options.model`.
     """
-    items = sample(list_collection(source), max_images, options.seed)
-    distractor_items = list_collection(distractors) if distractors else []
+    if edits is not None:
+        names, mode = tuple(edits), "edits"
+    else:
+        names, mode = tuple(families or copies_module.FAMILIES), "families"
+    if max_images is not None:
+        originals = max_images
+    pool = list_collection(source)
+    chosen = sample(pool, originals, options.seed)
+    chosen_ids = {item.item_id for item in chosen}
+    rest = [item for item in pool if item.item_id not in chosen_ids]
+    background_items: list = []
+    needs_backgrounds = mode == "families" and any(n in copies_module.NEEDS_BACKGROUNDS for n in names)
+    if mode == "families" and backgrounds:
+        background_items = list_collection(backgrounds)
+    elif needs_backgrounds:
+        count = min(background_count, max(len(rest) // 2, min(3, len(rest) - 1)))  # most of a small pool stays
+        background_items = sample(rest, count, options.seed + 1)
+        held = {item.item_id for item in background_items}
+        rest = [item for item in rest if item.item_id not in held]
+    if needs_backgrounds and len(background_items) < 3:
+        raise EvalError(f"the overlay and collage copies paste onto photos outside the gallery: {source} leaves "
+                        f"{len(background_items)} of them (3 needed); give --backgrounds DIR, more images, or "
+                        f"--families without overlay,collage")
+    group_of: dict[str, str | None] = {}
+    if labelled:
+        group_of = groups_from_source(source).group_of
     vectors = _Vectors(options, embedding)
-    vectors.embed([file_job(item) for item in items], "originals")
-    vectors.embed([file_job(item, DISTRACTOR_PREFIX + item.item_id) for item in distractor_items], "distractors")
-    good = [item for item in items if item.item_id in vectors.vectors]
+    vectors.embed([file_job(item) for item in chosen], "originals")
+    vectors.embed([file_job(item) for item in rest], "gallery")
+    distractor_keys = _distractor_keys(distractors, vectors)
+    good = [item for item in chosen if item.item_id in vectors.vectors]
     if not good:
-        raise EvalError(f"none of the {len(items)} images of {source} could be read; see the reasons above")
+        raise EvalError(f"none of the {len(chosen)} images of {source} could be read; see the reasons above")
     params: dict[str, dict] = {}
-    jobs, queries = copy_queries(good, edits, options.seed, params)
-    vectors.embed(jobs, "edited queries")
+    loaders = [background_loader(item) for item in background_items] if mode == "families" else None
+    jobs, queries = copy_queries(good, names, options.seed, params, loaders)
+    vectors.embed(jobs, "copies")
     queries = [q for q in queries if q[0] in vectors.vectors]
-    indexed = [item.item_id for item in good] + [DISTRACTOR_PREFIX + d.item_id for d in distractor_items
-                                                 if DISTRACTOR_PREFIX + d.item_id in vectors.vectors]
+    core = [item.item_id for item in good]
+    others = [item.item_id for item in rest if item.item_id in vectors.vectors] + distractor_keys
+    ignore: dict[str, set[str]] = {}
+    if labelled:
+        members: dict[str, set[str]] = {}
+        for key in core + others:
+            if group_of.get(key):
+                members.setdefault(group_of[key], set()).add(key)
+        ignore = {key: members[group_of[key]] - {key} for key in core if group_of.get(key)}
+    indexed = core + others
     result = _header("copies", source, options) | {
-        "collection": {"images": len(items), "usable": len(good), "distractors": len(indexed) - len(good),
-                       "indexed": len(indexed), "edits": list(edits), "queries": len(queries)},
+        "collection": {"mode": mode, "pool": len(pool), "originals": len(chosen), "usable": len(good),
+                       "gallery_others": len(others) - len(distractor_keys), "distractors": len(distractor_keys),
+                       "backgrounds": len(background_items), "indexed": len(indexed), "families": list(names),
+                       "queries": len(queries), "labelled": labelled,
+                       "ignored_views": sum(len(v) for v in ignore.values())},
         "rejects": _rejects(vectors.rejects),
         "warnings": [],
     }
+    if not queries:
+        raise EvalError("no copy could be made of any original; see the reasons above")
     with scratch_dir() as scratch:
-        built = BuiltIndex(pathlib.Path(scratch) / "bundle", indexed, np.stack([vectors.vectors[k] for k in indexed]),
+        scratch = pathlib.Path(scratch)
+
+        def evaluate(built, details=False):
+            return evaluate_copies(built, vectors.vectors, queries, depth=options.depth, ignore=ignore,
+                                   families=names, details=details)
+
+        built = BuiltIndex(scratch / "bundle", indexed, np.stack([vectors.vectors[k] for k in indexed]),
                            vectors.info, options.index)
         try:
-            copies = evaluate_copies(built, vectors.vectors, queries, depth=options.depth)
+            copies = evaluate(built, details=True)
             for row in copies["per_query"]:
                 row["params"] = params.get(row["query"], {})
             result |= {"copies": copies, "index": _index_summary(built),
                        "ann": _ann(built, np.stack([vectors.vectors[q[0]] for q in queries]), options)}
         finally:
             built.close()
+        sizes = [s for s in gallery_sizes if s != "all" and int(s) < len(others)]
+        result["gallery_sizes"] = _at_gallery_sizes(
+            core, others, sizes, options, vectors, scratch,
+            lambda built: {k: v for k, v in evaluate(built).items() if k != "per_family"}) + [
+            {"distractors": "all", "distractor_count": len(others), "gallery": len(indexed)}
+            | {k: v for k, v in copies.items() if k not in ("per_family", "per_query")}]
     result["embedding"] = vectors.summary()
     vectors.close()
     return result
 
 
 def run_groups(source, options: EvalOptions, *, from_edits: int = 0, group_column: str = "group",
-               edits: Sequence[str] = edits_module.EDIT_NAMES, max_images: int | None = None, embedding=None) -> dict:
-    """Labelled groups: every image of a group queries the rest of the collection.
+               edits: Sequence[str] = edits_module.EDIT_NAMES, max_images: int | None = None, embedding=None,
+               distractors=None, gallery_sizes=DEFAULT_GALLERY_SIZES) -> dict:
+    """Labelled groups: every image of a group queries the rest of the collection and the distractors.
 
     `from_edits=N`: the collection has no groups; make each image and N-1 seeded edits of it a group.
+    `distractors`: a folder (any tree) or manifest of images indexed too, never queried; the quality is
+    also measured with seeded nested subsets of them (`gallery_sizes`: counts, or "all").
     `embedding`: as for `run_copies`.
     """
     warnings: list[str] = []
@@ -203,29 +298,49 @@ def run_groups(source, options: EvalOptions, *, from_edits: int = 0, group_colum
         vectors = _Vectors(options, embedding)
         vectors.embed(groups.jobs, "images")
         listed = len(groups.keys)
-    indexed = [key for key in groups.keys if key in vectors.vectors]
-    if not indexed:
+    collection_keys = [key for key in groups.keys if key in vectors.vectors]
+    if not collection_keys:
         raise EvalError(f"none of the {listed} images of {source} could be read; see the reasons above")
-    members, more = effective_groups(groups, set(indexed))
+    distractor_keys = _distractor_keys(distractors, vectors)
+    indexed = collection_keys + distractor_keys
+    members, more = effective_groups(groups, set(collection_keys))
     warnings += more
     if not members:
         raise EvalError(_no_groups_message(source, group_column, "no group has two or more usable images"))
+    datasets = sorted({groups.dataset_of.get(g, "") for g in members})
     result = _header("groups", source, options) | {
-        "collection": {"images": listed, "indexed": len(indexed), "groups": len(members),
+        "collection": {"images": listed, "indexed": len(indexed), "groups": len(members), "datasets": datasets,
                        "queries": sum(len(keys) for keys in members.values()),
+                       "distractors": len(distractor_keys), "distractor_source": str(distractors or ""),
                        "from_edits": from_edits, "edits": list(edits) if from_edits else []},
         "rejects": _rejects(vectors.rejects),
         "warnings": warnings,
     }
     with scratch_dir() as scratch:
-        built = BuiltIndex(pathlib.Path(scratch) / "bundle", indexed, np.stack([vectors.vectors[k] for k in indexed]),
+        scratch = pathlib.Path(scratch)
+
+        def evaluate(built, details=False):
+            return evaluate_groups(built, vectors.vectors, members, depth=options.depth,
+                                   dataset_of=groups.dataset_of, details=details)
+
+        built = BuiltIndex(scratch / "bundle", indexed, np.stack([vectors.vectors[k] for k in indexed]),
                            vectors.info, options.index)
         try:
-            evaluated = evaluate_groups(built, vectors.vectors, members, depth=options.depth)
+            evaluated = evaluate(built, details=True)
             queries = np.stack([vectors.vectors[key] for keys in members.values() for key in keys])
             result |= {"groups": evaluated, "index": _index_summary(built), "ann": _ann(built, queries, options)}
         finally:
             built.close()
+        summary_keys = ("queries", "groups", "map", "map_stderr", "map_groups", "recall@1", "recall@5", "recall@10")
+        if distractor_keys:
+            sizes = [0] + [s for s in gallery_sizes if s != "all" and int(s) < len(distractor_keys)]
+            result["gallery_sizes"] = _at_gallery_sizes(
+                collection_keys, distractor_keys, sizes, options, vectors, scratch,
+                lambda built: {k: v for k, v in evaluate(built).items() if k in summary_keys}) + [
+                {"distractors": "all", "distractor_count": len(distractor_keys), "gallery": len(indexed)}
+                | {k: evaluated[k] for k in summary_keys}]
+        else:
+            result["gallery_sizes"] = []
     result["embedding"] = vectors.summary()
     vectors.close()
     return result
