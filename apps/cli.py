@@ -147,7 +147,7 @@ def _embedding(embedder_target, feature, weights, parallel_batches, tls=None):
     from services.embedder.settings import EmbedderSettings
 
     settings = EmbedderSettings(feature=feature, weights=weights)
-    return LocalEmbedding(Embedder.from_settings(settings), max_pixels=settings.max_pixels)
+    return LocalEmbedding(Embedder.from_settings(settings))
 
 
 @index.command("build-from-features")

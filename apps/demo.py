@@ -156,7 +156,7 @@ def ensure_demo_bundle(photos: pathlib.Path, bundle: pathlib.Path, weights: str,
         log.info("demo bundle %s is up to date (%s items)", bundle, current.get("item_count"))
         return
     log.info("building the demo index over %s", photos)
-    result = build_index(photos, bundle, LocalEmbedding(embedder, max_pixels=settings.max_pixels), BuildOptions())
+    result = build_index(photos, bundle, LocalEmbedding(embedder), BuildOptions())
     log.info("built %s: %d images in %.1f s (%.1f images/s), %d rejected",
              result.bundle, result.items, result.seconds, result.images_per_second, result.rejected)
 

@@ -129,7 +129,7 @@ def build_demo_bundle(args, out: pathlib.Path, embedder) -> pathlib.Path:
     from apps.ingest.build import BuildOptions, build_index
     from apps.ingest.embedding import LocalEmbedding
 
-    result = build_index(PHOTOS, out, LocalEmbedding(embedder, max_pixels=embedder.max_pixels),
+    result = build_index(PHOTOS, out, LocalEmbedding(embedder),
                          BuildOptions(progress=False))
     log(f"bundle: {result.items} demo photos in {result.seconds:.1f} s")
     return out
@@ -354,7 +354,7 @@ def cmd_ingest(args) -> None:
             for s in range(0, len(pixels), args.batch_size):
                 embedder.embed_pixels(pixels[s:s + args.batch_size])
             model_rate = len(pixels) / (time.perf_counter() - start)
-            result = build_index(collection, work / f"bundle-{repeat}", LocalEmbedding(embedder, max_pixels=embedder.max_pixels),
+            result = build_index(collection, work / f"bundle-{repeat}", LocalEmbedding(embedder),
                                  options)
             build_rate = result.images_per_second
             ratios.append(build_rate / model_rate)

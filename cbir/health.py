@@ -10,6 +10,7 @@ yet is reported unhealthy, with its status.
 
 from __future__ import annotations
 
+import contextlib
 import time
 import urllib.error
 import urllib.request
@@ -47,29 +48,37 @@ def wait_until_serving(target: str, *, timeout_s: float = 60.0, tls: ClientTls |
     after `timeout_s`, or as soon as `still_starting()` turns False (e.g. the server's process ended)."""
     start = time.monotonic()
     result = HealthResult(False, "UNREACHABLE", target)
-    while time.monotonic() - start < timeout_s:
-        result = check(target, service=service, timeout_s=min(2.0, timeout_s), tls=tls)
-        if result.healthy:
-            return time.monotonic() - start
-        if not still_starting():
-            raise NotServing(f"{target} stopped before it was SERVING (last status {result})")
-        time.sleep(interval_s)
+    is_url = target.startswith(("http://", "https://"))
+    with contextlib.nullcontext() if is_url else open_channel(target, tls=tls) as channel:  # one channel for every poll
+        while time.monotonic() - start < timeout_s:
+            per_check_s = min(2.0, timeout_s)
+            result = _check_http(target, per_check_s) if is_url else _ask(channel, target, service, per_check_s)
+            if result.healthy:
+                return time.monotonic() - start
+            if not still_starting():
+                raise NotServing(f"{target} stopped before it was SERVING (last status {result})")
+            time.sleep(interval_s)
     raise NotServing(f"{target} was not SERVING after {timeout_s:g} s (last status {result})")
 
 
 def _check_grpc(target: str, service: str, timeout_s: float, tls: ClientTls | None) -> HealthResult:
+    with open_channel(target, tls=tls) as channel:
+        return _ask(channel, target, service, timeout_s)
+
+
+def _ask(channel, target: str, service: str, timeout_s: float) -> HealthResult:
+    """One grpc.health.v1 Check over `channel`."""
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    with open_channel(target, tls=tls) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        try:
-            response = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout_s)
-        except grpc.RpcError as error:
-            code = error.code()
-            if code is grpc.StatusCode.NOT_FOUND:
-                return HealthResult(False, "SERVICE_UNKNOWN", f"{target} does not know service {service!r}")
-            return HealthResult(False, "UNREACHABLE", f"{target}: {code.name if code else 'error'}: {error.details()}")
+    try:
+        response = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service),
+                                                               timeout=timeout_s)
+    except grpc.RpcError as error:
+        code = error.code()
+        if code is grpc.StatusCode.NOT_FOUND:
+            return HealthResult(False, "SERVICE_UNKNOWN", f"{target} does not know service {service!r}")
+        return HealthResult(False, "UNREACHABLE", f"{target}: {code.name if code else 'error'}: {error.details()}")
     status = health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
     return HealthResult(response.status == health_pb2.HealthCheckResponse.SERVING, status, target)
 

@@ -58,7 +58,7 @@ def bundle(tmp_path_factory, collection, random_embedder) -> BuiltBundle:
     from apps.ingest.embedding import LocalEmbedding
 
     root = tmp_path_factory.mktemp("bundles") / "photos"
-    result = build_index(collection, root, LocalEmbedding(random_embedder, max_pixels=50_000_000),
+    result = build_index(collection, root, LocalEmbedding(random_embedder),
                          BuildOptions(batch_size=8, progress=False))
     return BuiltBundle(root, result)
 

@@ -27,7 +27,7 @@ class CountingEmbedding(LocalEmbedding):
     """The real in-process embedding, counting the images that go through the model."""
 
     def __init__(self, embedder):
-        super().__init__(embedder, max_pixels=50_000_000)
+        super().__init__(embedder)
         self.images = 0
 
     def embed(self, prepared):
@@ -280,7 +280,7 @@ def test_copy_detection_through_the_embedder_service_matches_in_process(stack, r
     """--embedder TARGET: the same protocol through the real gRPC embedder gives the in-process ranks."""
     remote = run_copies(photos, options(embedder_target=stack.embedder), edits=("jpeg",), max_images=3)
     local = run_copies(photos, options(), edits=("jpeg",), max_images=3,
-                       embedding=LocalEmbedding(random_embedder, max_pixels=50_000_000))
+                       embedding=LocalEmbedding(random_embedder))
     assert remote["embedding"]["model"]["fingerprint"] == random_embedder.info.fingerprint
     assert [r["rank"] for r in remote["copies"]["per_query"]] == [r["rank"] for r in local["copies"]["per_query"]]
     assert remote["copies"]["queries"] == 3

@@ -42,7 +42,7 @@ def save(image: Image.Image, path, quality=92):
 
 @pytest.fixture(scope="module")
 def embedding(random_embedder):
-    return LocalEmbedding(random_embedder, max_pixels=50_000_000)
+    return LocalEmbedding(random_embedder)
 
 
 def options(**changes) -> EvalOptions:

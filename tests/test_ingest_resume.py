@@ -103,7 +103,7 @@ def test_a_build_killed_with_sigkill_resumes_and_holds_each_item_exactly_once(tm
     assert f"{len(names) - len(stored)} embedded, {len(stored)} reused" in resumed.stdout
     from apps.ingest.embedding import LocalEmbedding
 
-    build_index(source, tmp_path / "clean", LocalEmbedding(random_embedder, max_pixels=50_000_000),
+    build_index(source, tmp_path / "clean", LocalEmbedding(random_embedder),
                 BuildOptions(batch_size=4, trees=5, progress=False))
 
     ids, vectors = bundle_contents(out)

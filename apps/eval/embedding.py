@@ -136,10 +136,9 @@ def make_embedding(spec: ModelSpec, embedder_target: str | None = None):
         return RemoteEmbedding(embedder_target, parallel_batches=2)
     from services.embedder.embedder import Embedder
 
-    settings = spec.settings()
-    embedder = Embedder.from_settings(settings)
+    embedder = Embedder.from_settings(spec.settings())
     embedder.warm_up()  # tracing is not an image's cost
-    return LocalEmbedding(embedder, max_pixels=settings.max_pixels)
+    return LocalEmbedding(embedder)
 
 
 # ------------------------------------------------------------------------------------- embedding

@@ -26,9 +26,8 @@ class LocalEmbedding:
 
     parallel_batches = 1  # one model; decoding overlaps with it in the prepare threads
 
-    def __init__(self, embedder, *, max_pixels: int):
+    def __init__(self, embedder):
         self._embedder = embedder
-        self._max_pixels = max_pixels
         self.info: common_pb2.ModelInfo = embedder.info
 
     def prepare(self, data: bytes) -> np.ndarray:

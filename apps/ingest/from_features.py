@@ -24,7 +24,6 @@ because a bundle records it and the indexer refuses queries from another model.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import json
 import logging
@@ -38,6 +37,7 @@ from google.protobuf import json_format
 
 from cbir.bundle import MANIFEST_FILE, open_bundle, read_deleted, write_bundle
 from cbir.v1 import common_pb2
+from apps.ingest.sources import csv_rows, jsonl_rows
 
 log = logging.getLogger(__name__)
 
@@ -173,7 +173,7 @@ def _apply_ids_file(stored: StoredFeatures, path: pathlib.Path) -> None:
         raise FeaturesError(f"{path}: no such ids file")
     suffix = path.suffix.lower()
     if suffix in (".csv", ".jsonl", ".ndjson"):
-        rows = _csv_rows(path) if suffix == ".csv" else _jsonl_rows(path)
+        rows = csv_rows(path) if suffix == ".csv" else jsonl_rows(path, FeaturesError)
         base = path.resolve().parent
         ids, urls, metadata = [], [], []
         for number, row in rows:
@@ -192,24 +192,6 @@ def _apply_ids_file(stored: StoredFeatures, path: pathlib.Path) -> None:
         while stored.ids and not stored.ids[-1]:
             stored.ids.pop()  # a trailing newline is not an item
         stored.urls = [""] * len(stored.ids)
-
-
-def _csv_rows(path: pathlib.Path):
-    with path.open(newline="", encoding="utf-8") as handle:
-        yield from enumerate(csv.DictReader(handle), start=2)
-
-
-def _jsonl_rows(path: pathlib.Path):
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if line.strip():
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as error:
-                    raise FeaturesError(f"{path}:{number}: not valid JSON ({error.msg})") from None
-                if not isinstance(row, dict):
-                    raise FeaturesError(f"{path}:{number}: expected a JSON object per line")
-                yield number, row
 
 
 def _first(row: dict, columns: Sequence[str]) -> str:

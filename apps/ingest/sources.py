@@ -42,9 +42,9 @@ def list_source(source: str | pathlib.Path) -> list[SourceItem]:
     if path.is_dir():
         items = list(_list_folder(path))
     elif path.is_file() and path.suffix.lower() == ".csv":
-        items = list(_list_manifest(path, _csv_rows(path)))
+        items = list(_list_manifest(path, csv_rows(path)))
     elif path.is_file() and path.suffix.lower() in (".jsonl", ".ndjson"):
-        items = list(_list_manifest(path, _jsonl_rows(path)))
+        items = list(_list_manifest(path, jsonl_rows(path)))
     elif path.exists():
         raise SourceError(f"{path}: not a folder, .csv or .jsonl manifest")
     else:
@@ -64,23 +64,25 @@ def _list_folder(root: pathlib.Path) -> Iterator[SourceItem]:
             )
 
 
-def _csv_rows(path: pathlib.Path) -> Iterator[tuple[int, dict]]:
+def csv_rows(path: pathlib.Path) -> Iterator[tuple[int, dict]]:
+    """(line number, row) of a CSV manifest with a header line."""
     with path.open(newline="", encoding="utf-8") as handle:
         for number, row in enumerate(csv.DictReader(handle), start=2):
             yield number, row
 
 
-def _jsonl_rows(path: pathlib.Path) -> Iterator[tuple[int, dict]]:
+def jsonl_rows(path: pathlib.Path, error: type[Exception] = SourceError) -> Iterator[tuple[int, dict]]:
+    """(line number, object) of a JSONL manifest; `error` (with the line's number) for a line that is not one."""
     with path.open(encoding="utf-8") as handle:
         for number, line in enumerate(handle, start=1):
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise SourceError(f"{path}:{number}: not valid JSON ({error.msg})") from None
+            except json.JSONDecodeError as problem:
+                raise error(f"{path}:{number}: not valid JSON ({problem.msg})") from None
             if not isinstance(row, dict):
-                raise SourceError(f"{path}:{number}: expected a JSON object per line")
+                raise error(f"{path}:{number}: expected a JSON object per line")
             yield number, row
 
 
