@@ -6,6 +6,8 @@ behaviour lives in `ui.handlers`; this module only lays out components and wires
 
 from __future__ import annotations
 
+import dataclasses
+
 from typing import Any
 
 import gradio as gr
@@ -82,25 +84,29 @@ def build_app(settings: UiSettings, client: Any) -> gr.Blocks:
         return (gr.Gallery(value=view.gallery, selected_index=None), view.item_ids, view.message, view.timings,
                 query_image, query_info)
 
-    def on_search(image_path, k, item_ids, limits):
-        return show(handlers.search_image(image_path, k, previous=item_ids, limits=limits))
+    # The limits the page shows live in the page (a hidden JSON component), not in server-side
+    # State: they change in the same browser update as the k box, so a search sent while the
+    # status answer is arriving never pairs the old k with the new limits.
+    def on_search(image_path, k, item_ids, shown):
+        return show(handlers.search_image(image_path, k, previous=item_ids, limits=KLimits(**shown)))
 
-    def on_url(url, k, item_ids, limits):
-        return show(handlers.search_url(url, k, previous=item_ids, limits=limits))
+    def on_url(url, k, item_ids, shown):
+        return show(handlers.search_url(url, k, previous=item_ids, limits=KLimits(**shown)))
 
-    def on_select(item_ids, k, limits, evt: gr.SelectData):
-        return show(handlers.select_hit(item_ids, evt.index, k, limits=limits))
+    def on_select(item_ids, k, shown, evt: gr.SelectData):
+        return show(handlers.select_hit(item_ids, evt.index, k, limits=KLimits(**shown)))
 
-    def on_status(k_value, shown: KLimits):
+    def on_status(k_value, shown_value: dict):
         """The status panel, and the k box set to the gateway's limits. An untouched k (the default
         the page showed) becomes the gateway's default; a k the user picked stays."""
+        shown = KLimits(**shown_value)
         text, limits = handlers.status_and_limits()
         if limits is None or (not limits.from_gateway and shown.from_gateway):
             return text, gr.skip(), gr.skip()  # no answer: keep what the page shows
         update = {"info": limits.describe()}
         if k_value is None or k_value == shown.default_k:
             update["value"] = limits.default_k
-        return text, gr.Number(**update), limits
+        return text, gr.Number(**update), dataclasses.asdict(limits)
 
     # delete_cache: uploaded query images (and placeholder tiles) older than a day are removed hourly.
     with gr.Blocks(title=TITLE, analytics_enabled=False, delete_cache=(3600, 86400)) as blocks:
@@ -118,7 +124,7 @@ def build_app(settings: UiSettings, client: Any) -> gr.Blocks:
                 # the handler refuses a k above the gateway's maximum in a sentence instead.
                 k = gr.Number(value=UNKNOWN_LIMITS.default_k, precision=0, step=1, label="Number of results (k)",
                               info=UNKNOWN_LIMITS.describe(), elem_id="k")
-                limits = gr.State(UNKNOWN_LIMITS)
+                limits = gr.JSON(dataclasses.asdict(UNKNOWN_LIMITS), visible=False)
                 search = gr.Button("Search", variant="primary", elem_id="search")
                 url = gr.Textbox(label="…or the URL of an image", placeholder="https://…", max_lines=1,
                                  elem_id="url")
