@@ -380,6 +380,8 @@ def demo(photos, workdir, weights, rebuild, ui_port, gateway_port, embedder_port
 @click.argument("image")
 @click.option("--k", type=click.IntRange(min=0), default=0,
               help="Number of results; 0 = the gateway's default (its maximum: `cbir status`).")
+@click.option("--min-score", type=click.FloatRange(0.0, 1.0), default=0.0,
+              help="Leave out hits scoring below this (scores are similarities in [0, 1]; 0 = keep all).")
 @click.option("--gateway", default="127.0.0.1:50050", envvar="CBIR_GATEWAY_TARGET", help="Gateway gRPC target.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @click.option("--tls-ca", type=click.Path(exists=True, dir_okay=False, path_type=pathlib.Path),
@@ -388,7 +390,7 @@ def demo(photos, workdir, weights, rebuild, ui_port, gateway_port, embedder_port
               help="Client certificate for mutual TLS.")
 @click.option("--tls-key", type=click.Path(exists=True, dir_okay=False, path_type=pathlib.Path),
               help="Key of --tls-cert.")
-def search(image, k, gateway, as_json, tls_ca=None, tls_cert=None, tls_key=None):
+def search(image, k, min_score, gateway, as_json, tls_ca=None, tls_cert=None, tls_key=None):
     """Search the index for images similar to IMAGE (a file, or an http(s) URL the gateway downloads)."""
     import grpc
     from google.protobuf.json_format import MessageToDict
@@ -401,9 +403,9 @@ def search(image, k, gateway, as_json, tls_ca=None, tls_cert=None, tls_key=None)
     with GatewayClient(gateway, tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key) as client:
         try:
             if is_url:
-                response = client.search_url(image, k=k)
+                response = client.search_url(image, k=k, min_score=min_score)
             else:
-                response = client.search_image(pathlib.Path(image).read_bytes(), k=k)
+                response = client.search_image(pathlib.Path(image).read_bytes(), k=k, min_score=min_score)
         except grpc.RpcError as error:
             raise click.ClickException(f"{error.code().name}: {error.details()}") from None
     if as_json:
@@ -411,9 +413,11 @@ def search(image, k, gateway, as_json, tls_ca=None, tls_cert=None, tls_key=None)
         click.echo(json.dumps(MessageToDict(response, preserving_proto_field_name=True,
                                             always_print_fields_with_no_presence=True), indent=2))
         return
-    click.echo(f"{'rank':>4}  {'score':>6}  {'distance':>8}  item / url")
+    click.echo(f"{'rank':>4}  {'score':>6}  {'inliers':>7}  {'match':<10}  item / url")
     for rank, hit in enumerate(response.hits, start=1):
-        click.echo(f"{rank:>4}  {hit.score:6.3f}  {hit.distance:8.4f}  {hit.item_id}  {hit.url}")
+        click.echo(f"{rank:>4}  {hit.score:6.3f}  {hit.inliers:>7}  {hit.match or '-':<10}  {hit.item_id}  {hit.url}")
+    if not response.hits:
+        click.echo("no hits" + (f" scoring {min_score:g} or more" if min_score else ""))
     timings = response.timings
     click.echo(f"bundle {response.bundle_version}: embed {timings.embed_ms:.0f} ms, "
                f"index {timings.index_ms:.1f} ms, total {timings.total_ms:.0f} ms")
@@ -446,6 +450,9 @@ def status(gateway, as_json):
         click.echo(f"model     {response.model.fingerprint} ({response.model.feature}, {response.model.dimension}-d)")
     if response.index.bundle_version:
         click.echo(f"bundle    {response.index.bundle_version}: {response.index.item_count} items")
+        index = response.index
+        click.echo(f"verify    top {index.verify_top} with {index.local_features}" if index.verify_top else
+                   "verify    off (the bundle stores no local features, or CBIR_INDEXER_VERIFY_TOP=0)")
     click.echo(f"k         default {response.default_k}, at most {response.max_k}")
     click.echo("ready" if response.compatible else f"not ready: {response.detail}")
 

@@ -46,21 +46,25 @@ class GatewayClient:
         self._channel = open_channel(target, tls=self.tls, retry=RETRY)
         self._stub = gateway_pb2_grpc.GatewayStub(self._channel)
 
-    def search_image(self, image: bytes, k: int = 0, search_k: int = 0) -> gateway_pb2.SearchByImageResponse:
-        """The k items most similar to an encoded image (k=0: the gateway's default)."""
-        request = gateway_pb2.SearchByImageRequest(image=image, k=k, search_k=search_k)
+    def search_image(self, image: bytes, k: int = 0, search_k: int = 0, min_score: float = 0.0
+                     ) -> gateway_pb2.SearchByImageResponse:
+        """The k items most similar to an encoded image (k=0: the gateway's default), none scoring below
+        `min_score`."""
+        request = gateway_pb2.SearchByImageRequest(image=image, k=k, search_k=search_k, min_score=min_score)
         return self._stub.SearchByImage(request, timeout=self.timeout_s)
 
     def search_id(
-        self, item_id: str, k: int = 0, search_k: int = 0, exclude_self: bool = False
+        self, item_id: str, k: int = 0, search_k: int = 0, exclude_self: bool = False, min_score: float = 0.0
     ) -> gateway_pb2.SearchByIdResponse:
         """The k items most similar to an indexed item, optionally leaving the item itself out."""
-        request = gateway_pb2.SearchByIdRequest(item_id=item_id, k=k, search_k=search_k, exclude_self=exclude_self)
+        request = gateway_pb2.SearchByIdRequest(item_id=item_id, k=k, search_k=search_k, exclude_self=exclude_self,
+                                                min_score=min_score)
         return self._stub.SearchById(request, timeout=self.timeout_s)
 
-    def search_url(self, url: str, k: int = 0, search_k: int = 0) -> gateway_pb2.SearchByUrlResponse:
+    def search_url(self, url: str, k: int = 0, search_k: int = 0, min_score: float = 0.0
+                   ) -> gateway_pb2.SearchByUrlResponse:
         """The k items most similar to the image at an http(s) URL, which the gateway downloads."""
-        request = gateway_pb2.SearchByUrlRequest(url=url, k=k, search_k=search_k)
+        request = gateway_pb2.SearchByUrlRequest(url=url, k=k, search_k=search_k, min_score=min_score)
         return self._stub.SearchByUrl(request, timeout=self.timeout_s)
 
     def status(self) -> gateway_pb2.GetStatusResponse:

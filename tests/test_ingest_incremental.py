@@ -15,7 +15,7 @@ from cbir.bundle import add_deleted, list_versions, read_deleted
 from apps.ingest.build import BuildOptions, build_index
 from apps.ingest.sources import SourceError
 from cbir.v1 import common_pb2
-from test_ingest_resume import ColourEmbedding, bundle_contents, draw_collection
+from test_ingest_resume import ColourEmbedding, bundle_contents, draw_collection, local_features_of
 
 OPTIONS = BuildOptions(batch_size=4, trees=3, progress=False)
 
@@ -26,7 +26,7 @@ def incremental(**changes) -> BuildOptions:
 
 def test_an_incremental_build_embeds_only_the_new_images_and_keeps_the_old_vectors(tmp_path):
     """v1 from 10 images; 4 more are added to the folder: v2 embeds 4, holds 14 items (the old ones first,
-    with bit-identical vectors), and v1 stays on disk."""
+    with bit-identical vectors and the same local features), and v1 stays on disk."""
     source = tmp_path / "photos"
     names = draw_collection(source, 10)
     root = tmp_path / "bundle"
@@ -43,6 +43,9 @@ def test_an_incremental_build_embeds_only_the_new_images_and_keeps_the_old_vecto
     assert ids == names + more and ids[:10] == v1_ids
     np.testing.assert_array_equal(vectors[:10], v1_vectors)
     assert len(list_versions(root)) == 2
+    local = local_features_of(root)
+    assert all(np.array_equal(np.frombuffer(blob, np.float32) + 0.01, v) for blob, v in zip(local, vectors)), \
+        "local features not carried with their items"
 
 
 def test_items_missing_from_the_new_source_stay_and_changed_metadata_is_taken(tmp_path):

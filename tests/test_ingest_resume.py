@@ -26,6 +26,7 @@ from cbir.bundle import list_versions, open_bundle, read_current
 from cbir.errors import BadImage
 from apps.ingest import build as build_module
 from apps.ingest.build import BuildOptions, build_index
+from apps.ingest.embedding import Embedded
 from apps.ingest.shards import ShardStore
 from apps.ingest.sources import SourceError
 from cbir.v1 import common_pb2
@@ -94,7 +95,7 @@ def test_a_build_killed_with_sigkill_resumes_and_holds_each_item_exactly_once(tm
         if process.poll() is None:
             process.kill()
             process.wait()
-    stored, rejected = ShardStore(next(out.glob(".work/*"))).load()
+    stored, rejected, _ = ShardStore(next(out.glob(".work/*"))).load()
     assert 0 < len(stored) < len(names) and not rejected, "the kill did not land mid-way"
     assert list_versions(out) == [], "a bundle was written before the kill"
 
@@ -120,11 +121,19 @@ class Crash(Exception):
     """Stands for the process dying."""
 
 
+def local_features_of(root: Path) -> list[bytes]:
+    with open_bundle(root) as bundle:
+        assert bundle.manifest.local_features == "colour-bytes"
+        return [bundle.local.get(i) for i in range(bundle.item_count)]
+
+
 class ColourEmbedding:
-    """A quick model: the image's mean colour and a few pixel statistics; bad bytes are BadImage."""
+    """A quick model: the image's mean colour and a few pixel statistics; bad bytes are BadImage. Its "local
+    features" are the bytes of those statistics: opaque to the build, which must keep each with its item."""
 
     parallel_batches = 1
-    info = common_pb2.ModelInfo(name="colour", feature="mean", dimension=6, fingerprint="fp-colour")
+    info = common_pb2.ModelInfo(name="colour", feature="mean", dimension=6, fingerprint="fp-colour",
+                                local_features="colour-bytes")
 
     def __init__(self, crash_after_batches: int | None = None):
         self.crash_after = crash_after_batches
@@ -141,12 +150,12 @@ class ColourEmbedding:
             raise BadImage(f"not an image: {error}") from None
         return np.concatenate([pixels.mean(axis=(0, 1)), pixels.std(axis=(0, 1))])
 
-    def embed(self, prepared: list[np.ndarray]) -> list[np.ndarray]:
+    def embed(self, prepared: list[np.ndarray]) -> list[Embedded]:
         if self.crash_after is not None and self.batches >= self.crash_after:
             raise Crash()
         self.batches += 1
         self.embedded.append(len(prepared))
-        return [p.astype(np.float32) + 0.01 for p in prepared]
+        return [Embedded(p.astype(np.float32) + 0.01, p.astype(np.float32).tobytes()) for p in prepared]
 
 
 OPTIONS = BuildOptions(batch_size=3, shard_size=2, trees=3, progress=False)
@@ -173,12 +182,14 @@ def test_a_build_crashed_after_any_batch_resumes_to_the_same_bundle(tmp_path, sm
         out = tmp_path / f"crash-{crash_after}"
         with pytest.raises(Crash):
             build_index(source, out, ColourEmbedding(crash_after), OPTIONS)
-        stored, rejected = ShardStore(out / ".work" / "fp-colour").load()
+        stored, rejected, local = ShardStore(out / ".work" / "fp-colour").load()
+        assert all(np.array_equal(np.frombuffer(local[i], np.float32) + 0.01, stored[i]) for i in stored)
         second = ColourEmbedding()
         result = build_index(source, out, second, OPTIONS)
         ids, vectors = bundle_contents(out)
         assert ids == clean_ids, crash_after
         np.testing.assert_array_equal(vectors, clean_vectors)
+        assert local_features_of(out) == local_features_of(clean), "an item's local features were lost or swapped"
         assert sum(second.embedded) == len(names) - len(stored), crash_after
         assert result.rejected == 1 and (out / "rejects.jsonl").read_text().count("\"item_id\": \"broken.png\"") == 1
 

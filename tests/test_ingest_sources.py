@@ -110,13 +110,14 @@ def test_ordered_map_keeps_order_and_bounds_the_work_queued():
 
 
 def test_shards_keep_ids_with_vectors_and_survive_a_restart(tmp_path):
-    """What one run stored (vectors and rejects, each with its id) a second run loads back."""
+    """What one run stored (vectors, local features and rejects, each with its id) a second run loads back."""
     store = ShardStore(tmp_path / "work", shard_size=2)
-    store.add("a", np.array([1, 2, 3], np.float32))
+    store.add("a", np.array([1, 2, 3], np.float32), b"local-a")
     store.add("b", np.array([4, 5, 6], np.float32))  # fills the shard: written
     store.add_reject("c", "cannot decode")
     store.flush()
-    vectors, rejects = ShardStore(tmp_path / "work").load()
+    vectors, rejects, local = ShardStore(tmp_path / "work").load()
     assert sorted(vectors) == ["a", "b"] and vectors["b"].tolist() == [4, 5, 6]
+    assert local == {"a": b"local-a", "b": b""}
     assert rejects == {"c": "cannot decode"}
     assert len(list((tmp_path / "work").glob("shard-*.npz"))) == 2

@@ -344,6 +344,16 @@ def test_caption_format():
     assert caption(3, _hit("img_42", "", 0.97349)) == "#3 · 0.973 · img_42"
 
 
+def test_caption_shows_the_match_class():
+    """A hit the indexer classed (same image / copy / similar) says so right after its score."""
+    from cbir.v1 import common_pb2
+
+    copy = common_pb2.Hit(item_id="img_7", score=0.41, inliers=57, match="copy")
+    same = common_pb2.Hit(item_id="img_8", score=0.99, match="same_image")
+    assert caption(1, copy) == "#1 · 0.410 · copy · img_7"
+    assert caption(2, same) == "#2 · 0.990 · same image · img_8"
+
+
 # ----------------------------------------------------------------------------------- HTTP
 def _get(url: str) -> tuple[int, bytes]:
     try:

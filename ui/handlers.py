@@ -98,11 +98,15 @@ def md(text: object) -> str:
     return "".join("\\" + c if c in _MARKDOWN_SPECIALS else c for c in str(text))
 
 
+_MATCH_BADGES = {"same_image": "same image", "copy": "copy", "similar": "similar"}
+
+
 def caption(rank: int, hit: Any) -> str:
-    """The caption on one result tile: `#rank · 0.973 · item_id`, rank and score first: the page
-    shows one line and ellipsizes what does not fit (a long id), with the whole caption in the
-    tile's tooltip."""
-    return f"#{rank} · {hit.score:.3f} · {hit.item_id}"
+    """The caption on one result tile: `#rank · 0.973 · copy · item_id`, rank, score and match class
+    (when the hit has one) first: the page shows one line and ellipsizes what does not fit (a long
+    id), with the whole caption in the tile's tooltip."""
+    badge = _MATCH_BADGES.get(getattr(hit, "match", ""), "")
+    return f"#{rank} · {hit.score:.3f} · " + (f"{badge} · " if badge else "") + hit.item_id
 
 
 def _short(details: str | None) -> str:

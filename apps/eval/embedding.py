@@ -132,40 +132,58 @@ def make_embedding(spec: ModelSpec, embedder_target: str | None = None):
     """A `apps.ingest.embedding` LocalEmbedding (VGG-16 here) or RemoteEmbedding (the embedder service)."""
     from apps.ingest.embedding import LocalEmbedding, RemoteEmbedding
 
+    # mirrored: any image may be a query, and a query sends its mirror's local features too
     if embedder_target:
-        return RemoteEmbedding(embedder_target, parallel_batches=2)
+        return RemoteEmbedding(embedder_target, parallel_batches=2, mirrored=True)
     from services.embedder.embedder import Embedder
 
     embedder = Embedder.from_settings(spec.settings())
     embedder.warm_up()  # tracing is not an image's cost
-    return LocalEmbedding(embedder)
+    return LocalEmbedding(embedder, mirrored=True)
 
 
 # ------------------------------------------------------------------------------------- embedding
 
 
+def _pack(blobs: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
+    return np.frombuffer(b"".join(blobs), np.uint8), np.cumsum([0] + [len(b) for b in blobs], dtype=np.int64)
+
+
+def _unpack(data: np.ndarray, offsets: np.ndarray) -> list[bytes]:
+    return [data[offsets[i]:offsets[i + 1]].tobytes() for i in range(len(offsets) - 1)]
+
+
 class VectorCache:
-    """Vectors of one model (by fingerprint) keyed by the sha256 of the encoded image, kept on disk."""
+    """Vectors (and local features, with their mirror's) of one model (by fingerprint) keyed by the sha256
+    of the encoded image, kept on disk."""
 
     def __init__(self, folder: pathlib.Path | None, fingerprint: str):
         self.path = None if folder is None else pathlib.Path(folder).expanduser() / f"{fingerprint}.npz"
         self._vectors: dict[str, np.ndarray] = {}
+        self._local: dict[str, tuple[bytes, bytes]] = {}
         self._dirty = 0
         self.ms_per_image: float | None = None
         if self.path is not None and self.path.exists():
             try:
                 with np.load(self.path, allow_pickle=False) as data:
-                    self._vectors = dict(zip(data["keys"].tolist(), data["vectors"]))
+                    keys = data["keys"].tolist()
+                    self._vectors = dict(zip(keys, data["vectors"]))
+                    if "local" in data:
+                        pairs = zip(_unpack(data["local"], data["local_offsets"]),
+                                    _unpack(data["mirrored"], data["mirrored_offsets"]))
+                        self._local = dict(zip(keys, pairs))
                     if "ms_per_image" in data:
                         self.ms_per_image = float(data["ms_per_image"])
             except (OSError, KeyError, ValueError) as error:
                 log.warning("ignoring the unreadable vector cache %s: %s", self.path, error)
 
-    def get(self, digest: str) -> np.ndarray | None:
-        return self._vectors.get(digest)
+    def get(self, digest: str) -> tuple[np.ndarray, tuple[bytes, bytes]] | None:
+        vector = self._vectors.get(digest)
+        return None if vector is None else (vector, self._local.get(digest, (b"", b"")))
 
-    def put(self, digest: str, vector: np.ndarray) -> None:
+    def put(self, digest: str, vector: np.ndarray, local: tuple[bytes, bytes] = (b"", b"")) -> None:
         self._vectors[digest] = vector
+        self._local[digest] = local
         self._dirty += 1
 
     def save(self) -> None:
@@ -175,6 +193,9 @@ class VectorCache:
         keys = list(self._vectors)
         tmp = self.path.with_suffix(".tmp.npz")
         extra = {} if self.ms_per_image is None else {"ms_per_image": np.float64(self.ms_per_image)}
+        local, local_offsets = _pack([self._local.get(k, (b"", b""))[0] for k in keys])
+        mirrored, mirrored_offsets = _pack([self._local.get(k, (b"", b""))[1] for k in keys])
+        extra |= dict(local=local, local_offsets=local_offsets, mirrored=mirrored, mirrored_offsets=mirrored_offsets)
         with open(tmp, "wb") as handle:
             np.savez(handle, keys=np.array(keys), vectors=np.stack([self._vectors[k] for k in keys]), **extra)
         tmp.replace(self.path)
@@ -192,6 +213,7 @@ class Job:
 @dataclasses.dataclass
 class Embedded:
     vectors: dict[str, np.ndarray]
+    local: dict[str, tuple[bytes, bytes]]  # local features and its mirror's, when the model has them
     rejects: dict[str, str]
     embedded: int  # images that went through the model in this run (not from the cache)
     model_seconds: float  # time spent embedding those (decode + model)
@@ -205,6 +227,7 @@ def embed_jobs(jobs: Sequence[Job], embedding, *, cache: VectorCache | None = No
                workers: int = 4, progress: bool = True, desc: str = "embedding") -> Embedded:
     """Embed every job once: loads and decodes in threads, VGG-16 in batches; failures become rejects."""
     vectors: dict[str, np.ndarray] = {}
+    local: dict[str, tuple[bytes, bytes]] = {}
     rejects: dict[str, str] = {}
     embedded, model_seconds = 0, 0.0
 
@@ -232,11 +255,12 @@ def embed_jobs(jobs: Sequence[Job], embedding, *, cache: VectorCache | None = No
             if isinstance(result, str):
                 rejects[job.key] = result
                 continue
-            vector = np.asarray(result, dtype=np.float32)
+            vector = np.asarray(result.vector, dtype=np.float32)
             vectors[job.key] = vector
+            local[job.key] = (result.local, result.local_mirrored)
             embedded += 1
             if cache is not None:
-                cache.put(digest, vector)
+                cache.put(digest, vector, local[job.key])
         if cache is not None and cache._dirty >= 256:
             cache.save()
 
@@ -253,7 +277,7 @@ def embed_jobs(jobs: Sequence[Job], embedding, *, cache: VectorCache | None = No
             if reason is not None:
                 rejects[job.key] = reason
             elif cached is not None:
-                vectors[job.key] = cached
+                vectors[job.key], local[job.key] = cached
             else:
                 # decode time is part of an image's cost, as in the embedder service
                 batch.append((job, digest, prepared))
@@ -266,6 +290,6 @@ def embed_jobs(jobs: Sequence[Job], embedding, *, cache: VectorCache | None = No
         if embedded:
             cache.ms_per_image = 1000.0 * model_seconds / embedded
         cache.save()
-    return Embedded(vectors, rejects, embedded, model_seconds)
+    return Embedded(vectors, local, rejects, embedded, model_seconds)
 
 

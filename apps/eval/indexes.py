@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 import pathlib
 import time
-from typing import Iterable
+from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -22,43 +22,58 @@ class IndexSpec:
     trees: int = 30
     pca: int = 0
     whiten: bool = False
+    verify_top: int = 100  # the indexer's CBIR_INDEXER_VERIFY_TOP (used when the model has local features)
 
     @property
     def label(self) -> str:
         pca = f", pca {self.pca}{' whitened' if self.whiten else ''}" if self.pca else ""
-        return f"{self.metric}, {self.trees} trees{pca}"
+        return f"{self.metric}, {self.trees} trees{pca}, verify top {self.verify_top}"
 
 
 class BuiltIndex:
     """A real bundle written to a scratch folder and opened with the indexer's SearchIndex."""
 
-    def __init__(self, root: pathlib.Path, ids: list[str], vectors: np.ndarray, model_info, spec: IndexSpec):
+    def __init__(self, root: pathlib.Path, ids: list[str], vectors: np.ndarray, model_info, spec: IndexSpec,
+                 local: Mapping[str, tuple[bytes, bytes]] | None = None):
+        """`local`: key -> (local features, of the mirror image) of the gallery items and of the queries, when
+        the model has them: the bundle stores the items', `search` sends the queries' (as the gateway does)."""
         from cbir.bundle import open_bundle, write_bundle
         from services.indexer.index import SearchIndex
+        from services.indexer.verification import Verification
 
         self.spec = spec
         self.root = root
+        self.local = local if local and model_info.local_features else None
+        stored = {} if self.local is None else dict(
+            local_features=[self.local.get(i, (b"", b""))[0] for i in ids], local_features_kind=model_info.local_features)
         started = time.perf_counter()
         self.version_path = write_bundle(
             root, ids=ids, urls=[f"eval:{i}" for i in ids], vectors=vectors, model=model_info,
             metric=spec.metric, trees=spec.trees, pca_dimension=spec.pca, pca_whiten=spec.whiten, source="cbir eval",
+            **stored,
         )
         self.build_seconds = time.perf_counter() - started
         self.bundle = open_bundle(root)  # checks the bundle as the indexer does
-        self.index = SearchIndex(self.bundle, max_k=max(1000, len(ids)))
+        self.index = SearchIndex(self.bundle, max_k=max(1000, len(ids)), verification=Verification(top=spec.verify_top))
         self.item_count = len(ids)
         self.row_of = {item_id: row for row, item_id in enumerate(ids)}
         manifest = self.bundle.manifest
         self.index_bytes = manifest.files["index.ann"].bytes
         self.default_search_k = manifest.default_search_k
 
-    def search(self, vectors: np.ndarray, k: int, search_k: int = 0) -> tuple[list[list[str]], list[float]]:
-        """Ranked item ids per query vector (through PCA and Annoy, as the indexer does) and seconds per query."""
+    def search(self, vectors: np.ndarray, k: int, search_k: int = 0, keys: Sequence[str] | None = None
+               ) -> tuple[list[list[str]], list[float]]:
+        """Ranked item ids per query vector (through PCA, Annoy and, given the queries' `keys`, geometric
+        verification, as the indexer does) and seconds per query."""
+        from cbir.local_features import from_bytes
+
         ranked, seconds = [], []
         k = min(k, self.item_count)
-        for vector in vectors:
+        for i, vector in enumerate(vectors):
+            blobs = self.local.get(keys[i], ()) if self.local is not None and keys is not None else ()
             started = time.perf_counter()
-            hits = self.index.query_vector(vector, k=k, search_k=search_k)
+            local = [from_bytes(blob) for blob in blobs if blob]
+            hits = self.index.query_vector(vector, k=k, search_k=search_k, local=local)
             seconds.append(time.perf_counter() - started)
             ranked.append([hit.item_id for hit in hits])
         return ranked, seconds
@@ -94,15 +109,15 @@ def ann_recall_rows(built: BuiltIndex, queries: np.ndarray, *, k: int, search_ks
 
 
 
-def search_queries(built: BuiltIndex, query_vectors: np.ndarray, k: int, search_k: int = 0
-                   ) -> tuple[list[list[str]], list[float]]:
+def search_queries(built: BuiltIndex, query_vectors: np.ndarray, k: int, search_k: int = 0,
+                   keys: Sequence[str] | None = None) -> tuple[list[list[str]], list[float]]:
     """THE query path of every evaluation protocol: ranked item ids per query and seconds per query.
 
     Every ranking the reports score goes through here (groups, copies, compare, gallery sizes), so a
     later stage of the search (re-ranking by geometric verification, query expansion) is plugged in
     once, here, and measured everywhere.
     """
-    return built.search(query_vectors, k, search_k)
+    return built.search(query_vectors, k, search_k, keys)
 
 
 def gallery_levels(core: list[str], extra: list[str], sizes, seed: int) -> list[tuple[str, int, list[str]]]:

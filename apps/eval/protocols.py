@@ -228,7 +228,8 @@ def evaluate_groups(built: BuiltIndex, vectors: dict[str, np.ndarray], members: 
     queries = [(group, key) for group, keys in members.items() for key in keys]
     if not queries:
         raise EvalError("no group has two or more usable images: nothing to evaluate")
-    ranked, seconds = search_queries(built, np.stack([vectors[key] for _, key in queries]), depth + 1, search_k)
+    ranked, seconds = search_queries(built, np.stack([vectors[key] for _, key in queries]), depth + 1, search_k,
+                                     keys=[key for _, key in queries])
     rows = []
     for (group, key), ranking in zip(queries, ranked):
         rest = [item for item in ranking if item != key][:depth]
@@ -294,7 +295,7 @@ def evaluate_copies(built: BuiltIndex, vectors: dict[str, np.ndarray], queries: 
     ignore = ignore or {}
     most_ignored = max((len(v) for v in ignore.values()), default=0)
     ranked, seconds = search_queries(built, np.stack([vectors[key] for key, _, _ in queries]), depth + most_ignored,
-                                     search_k)
+                                     search_k, keys=[key for key, _, _ in queries])
     rows = []
     for (key, original, family), ranking in zip(queries, ranked):
         skip = ignore.get(original, set()) - {original}

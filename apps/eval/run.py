@@ -66,6 +66,7 @@ class _Vectors:
         self.info = self.embedding.info
         self.cache = VectorCache(options.cache_dir, self.info.fingerprint) if options.cache_dir else None
         self.vectors: dict[str, np.ndarray] = {}
+        self.local: dict[str, tuple[bytes, bytes]] = {}
         self.rejects: dict[str, str] = {}
         self.embedded = 0
         self.model_seconds = 0.0
@@ -75,6 +76,7 @@ class _Vectors:
         result = embed_jobs(jobs, self.embedding, cache=self.cache, batch_size=self.options.batch_size,
                             progress=self.options.progress, desc=desc)
         self.vectors.update(result.vectors)
+        self.local.update(result.local)
         self.rejects.update(result.rejects)
         self.embedded += result.embedded
         self.model_seconds += result.model_seconds
@@ -154,7 +156,7 @@ def _at_gallery_sizes(core: list[str], extra: list[str], sizes, options: EvalOpt
     rows = []
     for label, count, ids in gallery_levels(core, extra, sizes, options.seed):
         built = BuiltIndex(scratch / f"gallery-{count}", ids, np.stack([vectors.vectors[k] for k in ids]),
-                           vectors.info, options.index)
+                           vectors.info, options.index, vectors.local)
         try:
             rows.append({"distractors": label, "distractor_count": count, "gallery": len(ids)} | evaluate(built))
         finally:
@@ -244,7 +246,7 @@ def run_copies(source, options: EvalOptions, *, families: Sequence[str] | None =
                                    families=names, details=details)
 
         built = BuiltIndex(scratch / "bundle", indexed, np.stack([vectors.vectors[k] for k in indexed]),
-                           vectors.info, options.index)
+                           vectors.info, options.index, vectors.local)
         try:
             copies = evaluate(built, details=True)
             for row in copies["per_query"]:
@@ -324,7 +326,7 @@ def run_groups(source, options: EvalOptions, *, from_edits: int = 0, group_colum
                                    dataset_of=groups.dataset_of, details=details)
 
         built = BuiltIndex(scratch / "bundle", indexed, np.stack([vectors.vectors[k] for k in indexed]),
-                           vectors.info, options.index)
+                           vectors.info, options.index, vectors.local)
         try:
             evaluated = evaluate(built, details=True)
             queries = np.stack([vectors.vectors[key] for keys in members.values() for key in keys])

@@ -121,6 +121,7 @@ class _Base:
     metadata: list[dict[str, str]]
     vectors: np.ndarray
     row: dict[str, int]
+    local: list[bytes] | None  # per item, when the live version stores local features
 
 
 def _load_base(out: pathlib.Path, fingerprint: str) -> _Base:
@@ -137,9 +138,10 @@ def _load_base(out: pathlib.Path, fingerprint: str) -> _Base:
             )
         records = list(bundle.iter_items())
         vectors = bundle.features()  # memory-mapped: only the rows kept are copied, once
+        local = [bundle.local.get(i) for i in range(len(records))] if bundle.local is not None else None
         return _Base(
             bundle.version, [r.item_id for r in records], [r.url for r in records], [r.metadata for r in records],
-            vectors, {r.item_id: i for i, r in enumerate(records)},
+            vectors, {r.item_id: i for i, r in enumerate(records)}, local,
         )
     finally:
         bundle.close()
@@ -166,7 +168,7 @@ def _build(source, out: pathlib.Path, embedding, options: BuildOptions) -> Build
 
     base = _load_base(out, embedding.info.fingerprint) if options.incremental else None
     store = ShardStore(out / ".work" / embedding.info.fingerprint, options.shard_size)
-    vectors, rejects = store.load()
+    vectors, rejects, local = store.load()
     from_shards = len(vectors)
     known = base.row if base is not None else {}
     todo = [item for item in items if item.item_id not in vectors and item.item_id not in rejects
@@ -179,10 +181,11 @@ def _build(source, out: pathlib.Path, embedding, options: BuildOptions) -> Build
     try:
         with tqdm(total=len(items), initial=len(items) - len(todo), unit="img", desc="embedding",
                   disable=not options.progress, dynamic_ncols=True) as bar:
-            for item, vector, reason, passing in _embed_all(todo, embedding, options, downloader):
+            for item, embedded, reason, passing in _embed_all(todo, embedding, options, downloader):
                 if reason is None:
-                    vectors[item.item_id] = vector
-                    store.add(item.item_id, vector)
+                    vectors[item.item_id] = embedded.vector
+                    local[item.item_id] = embedded.local
+                    store.add(item.item_id, embedded.vector, embedded.local)
                 elif passing:
                     transient[item.item_id] = reason
                 else:
@@ -194,7 +197,7 @@ def _build(source, out: pathlib.Path, embedding, options: BuildOptions) -> Build
         if downloader is not None:
             downloader.close()
 
-    ids, urls, metadata, base_rows, new_rows = [], [], [], [], []
+    ids, urls, metadata, base_rows, new_rows, local_rows = [], [], [], [], [], []
     if base is not None:  # old items first, in their order; a source row may update url/metadata
         source_items = {item.item_id: item for item in items}
         for i, item_id in enumerate(base.ids):
@@ -205,12 +208,14 @@ def _build(source, out: pathlib.Path, embedding, options: BuildOptions) -> Build
             urls.append(item.url if item else base.urls[i])
             metadata.append(item.metadata if item else base.metadata[i])
             base_rows.append(i)
+            local_rows.append(base.local[i] if base.local is not None else b"")
     for item in items:
         if item.item_id in vectors and item.item_id not in known:
             ids.append(item.item_id)
             urls.append(item.url)
             metadata.append(item.metadata)
             new_rows.append(vectors[item.item_id])
+            local_rows.append(local.get(item.item_id, b""))
     parts = []
     if base_rows:
         parts.append(np.asarray(base.vectors[np.asarray(base_rows)], dtype=np.float32))
@@ -231,6 +236,7 @@ def _build(source, out: pathlib.Path, embedding, options: BuildOptions) -> Build
         pca_dimension=options.pca_dimension,
         pca_whiten=options.pca_whiten,
         source=str(source) + (f" (added to {base.version})" if base is not None else ""),
+        **_local_features(embedding.info, base, local_rows),
     )
     store.remove()
     embedded = len(vectors) - from_shards
@@ -239,6 +245,14 @@ def _build(source, out: pathlib.Path, embedding, options: BuildOptions) -> Build
         bundle, len(ids), len(rejects) + len(transient), rejects_file, time.perf_counter() - started,
         embedded=embedded, reused=reused, deleted=left_out, transient=len(transient),
     )
+
+
+def _local_features(info, base: _Base | None, rows: list[bytes]) -> dict:
+    """write_bundle's local feature arguments: stored when the model makes them (and, for an incremental
+    build, the live version has them too: else its items would have none)."""
+    if not info.local_features or (base is not None and base.local is None):
+        return {}
+    return dict(local_features=rows, local_features_kind=info.local_features)
 
 
 def _downloader(options: BuildOptions) -> Downloader:
@@ -252,7 +266,7 @@ def _downloader(options: BuildOptions) -> Downloader:
 
 
 def _embed_all(items: list[SourceItem], embedding, options: BuildOptions, downloader: Downloader | None):
-    """Yield (item, vector, None, False) or (item, None, reason, transient) for every item, in order."""
+    """Yield (item, Embedded, None, False) or (item, None, reason, transient) for every item, in order."""
 
     def prepare(item: SourceItem):
         try:

@@ -2,7 +2,8 @@
 
 A build writes a shard every `shard_size` items (atomically: temp file, fsync, then rename). Started
 again after a crash, it loads the shards and embeds only what is missing. Rejected items are
-recorded too, so they are not retried on every resume. A kill during a write leaves at most a
+recorded too, so they are not retried on every resume. Each item's local features (bytes, for
+geometric verification) are stored beside its vector. A kill during a write leaves at most a
 temporary file, removed on the next load; a shard that cannot be read (a damaged disk) is set aside
 with a warning and its items are embedded again. Ids are keys: an item is never counted twice.
 """
@@ -27,13 +28,15 @@ class ShardStore:
         self.shard_size = shard_size
         self._ids: list[str] = []
         self._vectors: list[np.ndarray] = []
+        self._local: list[bytes] = []
         self._rejected_ids: list[str] = []
         self._reasons: list[str] = []
 
-    def load(self) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-        """Vectors and rejects already stored by an earlier, interrupted run."""
+    def load(self) -> tuple[dict[str, np.ndarray], dict[str, str], dict[str, bytes]]:
+        """Vectors, rejects and local features already stored by an earlier, interrupted run."""
         vectors: dict[str, np.ndarray] = {}
         rejects: dict[str, str] = {}
+        local: dict[str, bytes] = {}
         for leftover in self.folder.glob(".tmp-*"):
             leftover.unlink(missing_ok=True)  # a write that a kill interrupted
         for shard in self._shards():
@@ -43,20 +46,25 @@ class ShardStore:
                     rejected, reasons = data["rejected_ids"].tolist(), data["reasons"].tolist()
                     if rows.shape[0] != len(ids) or len(rejected) != len(reasons):
                         raise ValueError(f"{len(ids)} ids for {rows.shape[0]} vectors")
+                    blob, offsets = data["local"], data["local_offsets"]
+                    if offsets.shape != (len(ids) + 1,) or int(offsets[-1]) != blob.size:
+                        raise ValueError(f"local features for {offsets.size - 1} of {len(ids)} items")
             except Exception as error:  # noqa: BLE001 - whatever a damaged file raises
                 log.warning("shard %s is unreadable (%s): set aside, its items will be embedded again", shard, error)
                 shard.rename(shard.with_name(f".damaged-{shard.name}"))
                 continue
             vectors.update(zip(ids, rows))
             rejects.update(zip(rejected, reasons))
-        return vectors, rejects
+            local.update((item_id, blob[offsets[i]:offsets[i + 1]].tobytes()) for i, item_id in enumerate(ids))
+        return vectors, rejects, local
 
     def _shards(self) -> list[pathlib.Path]:
         return sorted(p for p in self.folder.glob("shard-*.npz") if _SHARD_RE.match(p.name))
 
-    def add(self, item_id: str, vector: np.ndarray) -> None:
+    def add(self, item_id: str, vector: np.ndarray, local: bytes = b"") -> None:
         self._ids.append(item_id)
         self._vectors.append(vector)
+        self._local.append(local)
         self._maybe_flush()
 
     def add_reject(self, item_id: str, reason: str) -> None:
@@ -84,6 +92,8 @@ class ShardStore:
                 vectors=np.array(self._vectors, dtype=np.float32).reshape(len(self._ids), dimension),
                 rejected_ids=np.array(self._rejected_ids, dtype=str),
                 reasons=np.array(self._reasons, dtype=str),
+                local=np.frombuffer(b"".join(self._local), dtype=np.uint8),
+                local_offsets=np.cumsum([0] + [len(blob) for blob in self._local], dtype=np.int64),
             )
             handle.flush()
             os.fsync(handle.fileno())
@@ -93,7 +103,7 @@ class ShardStore:
             os.fsync(fd)  # the rename itself survives a power cut
         finally:
             os.close(fd)
-        self._ids, self._vectors, self._rejected_ids, self._reasons = [], [], [], []
+        self._ids, self._vectors, self._local, self._rejected_ids, self._reasons = [], [], [], [], []
 
     def remove(self) -> None:
         """Delete the shards (once the bundle holds them), and the work folder if nothing else is in it."""

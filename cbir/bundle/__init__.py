@@ -1,7 +1,8 @@
 """The index bundle: what `cbir index build` writes and the indexer serves. A bundle root holds one
 folder per version, immutable once written (`manifest.json` describing it with every file's sha256,
 the Annoy index `index.ann`, the item table `items.sqlite`, the input vectors `features.npy`, and
-`pca.npz` when PCA is used), a `current` file naming the live version, and the deletion list
+`pca.npz` when PCA is used, `local_features.bin` + `local_offsets.npy` when the items' local
+features are kept for geometric verification), a `current` file naming the live version, and the deletion list
 `deleted.txt`; see `layout` for the names, `writing` and `opening` for how a version is written and
 verified, `versions` for the root's bookkeeping. Everything other code uses is importable from here."""
 
@@ -16,6 +17,8 @@ from cbir.bundle.layout import (
     FORMAT_VERSION,
     INDEX_FILE,
     ITEMS_FILE,
+    LOCAL_FEATURES_FILE,
+    LOCAL_OFFSETS_FILE,
     MANIFEST_FILE,
     METRICS,
     PCA_FILE,
@@ -44,6 +47,8 @@ __all__ = [
     "FORMAT_VERSION",
     "INDEX_FILE",
     "ITEMS_FILE",
+    "LOCAL_FEATURES_FILE",
+    "LOCAL_OFFSETS_FILE",
     "MANIFEST_FILE",
     "METRICS",
     "PCA_FILE",

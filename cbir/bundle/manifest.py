@@ -61,6 +61,8 @@ class Manifest(BaseModel):
     default_search_k: PositiveInt
     pca: PcaSpec | None = None
     source: StrictStr
+    # "rootsift:500@512" (cbir.local_features.DESCRIPTION) when every item's local features are stored
+    local_features: StrictStr = ""
     files: dict[str, FileEntry]
 
     @property
@@ -72,7 +74,10 @@ class Manifest(BaseModel):
         return common_pb2.ModelInfo(**{k: v for k, v in self.model.items() if k in known})
 
     def to_dict(self) -> dict[str, Any]:
-        return self.model_dump()
+        data = self.model_dump()
+        if not data["local_features"]:  # absent from manifests written before it existed: they stay identical
+            del data["local_features"]
+        return data
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n"

@@ -12,6 +12,7 @@ from annoy import AnnoyIndex
 
 from cbir.bundle.items import ItemRecord, ItemTable
 from cbir.bundle.layout import FEATURES_FILE, ITEMS_FILE
+from cbir.bundle.local_store import LocalFeatureStore
 from cbir.bundle.manifest import Manifest
 from cbir.bundle.versions import deleted_list_path
 from cbir.pca import Pca
@@ -24,15 +25,18 @@ class Bundle:
     - `index`: the `AnnoyIndex`, mmapped read-only (queries release the GIL and may run concurrently);
     - `pca`: the fitted `cbir.pca.Pca`, or None;
     - item lookups (`items_by_annoy_ids`, `find_items`) through a read-only SQLite connection per thread;
-    - `features()`: the input vectors, memory-mapped.
+    - `features()`: the input vectors, memory-mapped;
+    - `local`: the items' local features for geometric verification (`LocalFeatureStore`), or None.
     """
 
-    def __init__(self, path: Path, root: Path | None, manifest: Manifest, index: AnnoyIndex, pca: Pca | None):
+    def __init__(self, path: Path, root: Path | None, manifest: Manifest, index: AnnoyIndex, pca: Pca | None,
+                 local: LocalFeatureStore | None = None):
         self.path = path
         self.root = root
         self.manifest = manifest
         self.index = index
         self.pca = pca
+        self.local = local
         self._items = ItemTable(path, ITEMS_FILE)
 
     @property
@@ -98,6 +102,8 @@ class Bundle:
         """Unmap the index and close the item table. No query may be running on it any more."""
         if self._items.close():
             self.index.unload()
+            if self.local is not None:
+                self.local.close()
 
     def __enter__(self) -> Self:
         return self

@@ -13,7 +13,17 @@ from annoy import AnnoyIndex
 
 from cbir.bundle.annoy_index import load_annoy
 from cbir.bundle.files import sha256_of
-from cbir.bundle.layout import FEATURES_FILE, INDEX_FILE, ITEMS_FILE, MANIFEST_FILE, PCA_FILE, REBUILD
+from cbir.bundle.layout import (
+    FEATURES_FILE,
+    INDEX_FILE,
+    ITEMS_FILE,
+    LOCAL_FEATURES_FILE,
+    LOCAL_OFFSETS_FILE,
+    MANIFEST_FILE,
+    PCA_FILE,
+    REBUILD,
+)
+from cbir.bundle.local_store import LocalFeatureStore
 from cbir.bundle.manifest import Manifest, read_manifest
 from cbir.bundle.opened import Bundle
 from cbir.bundle.projection import load_pca
@@ -45,8 +55,9 @@ def open_bundle(
         _check_checksums(folder, manifest)
     pca = load_pca(folder, manifest)
     features = _load_features(folder, manifest)
+    local = LocalFeatureStore(folder, manifest.item_count) if manifest.local_features else None
     index = load_annoy(folder / INDEX_FILE, manifest.metric, manifest.index_dimension, prefault=prefault)
-    bundle = Bundle(folder, root, manifest, index, pca)
+    bundle = Bundle(folder, root, manifest, index, pca, local)
     try:
         _check_index_matches_features(folder / INDEX_FILE, manifest, index, features, pca)
         _check_item_count(folder / ITEMS_FILE, manifest, bundle)
@@ -74,6 +85,7 @@ def _check_dimensions(path: Path, manifest: Manifest) -> None:
             f"{'pca.dimension' if manifest.pca else 'input_dimension'} {expected_index_dim}; {REBUILD}"
         )
     required = [INDEX_FILE, ITEMS_FILE, FEATURES_FILE] + ([PCA_FILE] if manifest.pca else [])
+    required += [LOCAL_FEATURES_FILE, LOCAL_OFFSETS_FILE] if manifest.local_features else []
     missing = [name for name in required if name not in manifest.files]
     if missing:
         raise BundleError(f"{path} does not list {', '.join(missing)} under 'files'; {REBUILD}")

@@ -19,11 +19,14 @@ from cbir.bundle.annoy_index import write_annoy
 from cbir.bundle.files import fsync_path, sha256_of
 from cbir.bundle.inputs import BundleInputs, InvalidBundleInput, validate_inputs
 from cbir.bundle.items import write_items
+from cbir.bundle.local_store import write_local_features
 from cbir.bundle.layout import (
     FEATURES_FILE,
     FORMAT_VERSION,
     INDEX_FILE,
     ITEMS_FILE,
+    LOCAL_FEATURES_FILE,
+    LOCAL_OFFSETS_FILE,
     MANIFEST_FILE,
     PCA_FILE,
     is_version_name,
@@ -56,6 +59,8 @@ def write_bundle(
     source: str = "",
     version: str | None = None,
     make_current: bool = True,
+    local_features: Sequence[bytes] | None = None,
+    local_features_kind: str = "",
 ) -> Path:
     """Write a new bundle version under `root` and (by default) point `root/current` at it.
 
@@ -64,24 +69,32 @@ def write_bundle(
     whose keys and values are stored as strings. With `pca_dimension` > 0 a PCA is fitted to the
     vectors and the index holds their L2-normalised projections. `version` defaults to the UTC
     time (`20261124T120501Z`, with `-01`, `-02`, ... when taken); an explicit version must be new.
+    `local_features` (one `cbir.local_features` bytes object per row, b"" for none) are stored for
+    geometric verification, described by `local_features_kind` (e.g. "rootsift:500@512").
     Returns the version folder. Raises `InvalidBundleInput` (a `BundleError` and a `ValueError`)
     for bad arguments; on any failure nothing is left behind under a version name.
     """
     inputs = validate_inputs(ids, urls, vectors, model, metric, trees, pca_dimension, metadata)
     trees, pca_dimension = int(trees), int(pca_dimension)
+    if local_features is not None and (len(local_features) != len(inputs.ids) or not local_features_kind):
+        raise InvalidBundleInput(f"{len(local_features)} local features for {len(inputs.ids)} items (one per item, "
+                                 "with local_features_kind naming them)")
     root = Path(root)
     _check_new_version(root, version)
     root.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=".building-", dir=root))
     try:
         pca = _write_data_files(scratch, inputs, metric, trees, pca_dimension, bool(pca_whiten))
+        if local_features is not None:
+            write_local_features(scratch, local_features)
         unnamed = Manifest(
             format_version=FORMAT_VERSION, name=root.resolve().name, version="", created_at="",
             model=model_to_dict(model), input_dimension=inputs.dimension,
             index_dimension=pca_dimension or inputs.dimension, metric=metric, trees=trees,
             item_count=len(inputs.ids), default_search_k=default_search_k(trees, len(inputs.ids)),
             pca=None if pca is None else PcaSpec(dimension=pca.dimension, whiten=pca.whiten),
-            source=source, files=_file_entries(scratch),
+            source=source, local_features=local_features_kind if local_features is not None else "",
+            files=_file_entries(scratch),
         )
         final = _publish(root, scratch, version, unnamed)
     finally:
@@ -122,7 +135,7 @@ def _write_data_files(
 def _file_entries(scratch: Path) -> dict[str, FileEntry]:
     """Size and sha256 of each data file, each fsynced first."""
     files = {}
-    for name in (INDEX_FILE, ITEMS_FILE, FEATURES_FILE, PCA_FILE):
+    for name in (INDEX_FILE, ITEMS_FILE, FEATURES_FILE, PCA_FILE, LOCAL_FEATURES_FILE, LOCAL_OFFSETS_FILE):
         path = scratch / name
         if path.exists():
             fsync_path(path)

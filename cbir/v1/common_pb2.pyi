@@ -15,7 +15,7 @@ class Vector(_message.Message):
     def __init__(self, dimension: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "feature", "dimension", "weights_source", "weights_fingerprint", "preprocessing", "fingerprint", "pooling")
+    __slots__ = ("name", "feature", "dimension", "weights_source", "weights_fingerprint", "preprocessing", "fingerprint", "pooling", "local_features")
     NAME_FIELD_NUMBER: _ClassVar[int]
     FEATURE_FIELD_NUMBER: _ClassVar[int]
     DIMENSION_FIELD_NUMBER: _ClassVar[int]
@@ -24,6 +24,7 @@ class ModelInfo(_message.Message):
     PREPROCESSING_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     POOLING_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_FEATURES_FIELD_NUMBER: _ClassVar[int]
     name: str
     feature: str
     dimension: int
@@ -32,7 +33,8 @@ class ModelInfo(_message.Message):
     preprocessing: str
     fingerprint: str
     pooling: str
-    def __init__(self, name: _Optional[str] = ..., feature: _Optional[str] = ..., dimension: _Optional[int] = ..., weights_source: _Optional[str] = ..., weights_fingerprint: _Optional[str] = ..., preprocessing: _Optional[str] = ..., fingerprint: _Optional[str] = ..., pooling: _Optional[str] = ...) -> None: ...
+    local_features: str
+    def __init__(self, name: _Optional[str] = ..., feature: _Optional[str] = ..., dimension: _Optional[int] = ..., weights_source: _Optional[str] = ..., weights_fingerprint: _Optional[str] = ..., preprocessing: _Optional[str] = ..., fingerprint: _Optional[str] = ..., pooling: _Optional[str] = ..., local_features: _Optional[str] = ...) -> None: ...
 
 class Item(_message.Message):
     __slots__ = ("item_id", "url", "metadata")
@@ -52,7 +54,7 @@ class Item(_message.Message):
     def __init__(self, item_id: _Optional[str] = ..., url: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class Hit(_message.Message):
-    __slots__ = ("item_id", "url", "distance", "score", "metadata")
+    __slots__ = ("item_id", "url", "distance", "score", "metadata", "inliers", "match")
     class MetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -65,15 +67,19 @@ class Hit(_message.Message):
     DISTANCE_FIELD_NUMBER: _ClassVar[int]
     SCORE_FIELD_NUMBER: _ClassVar[int]
     METADATA_FIELD_NUMBER: _ClassVar[int]
+    INLIERS_FIELD_NUMBER: _ClassVar[int]
+    MATCH_FIELD_NUMBER: _ClassVar[int]
     item_id: str
     url: str
     distance: float
     score: float
     metadata: _containers.ScalarMap[str, str]
-    def __init__(self, item_id: _Optional[str] = ..., url: _Optional[str] = ..., distance: _Optional[float] = ..., score: _Optional[float] = ..., metadata: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    inliers: int
+    match: str
+    def __init__(self, item_id: _Optional[str] = ..., url: _Optional[str] = ..., distance: _Optional[float] = ..., score: _Optional[float] = ..., metadata: _Optional[_Mapping[str, str]] = ..., inliers: _Optional[int] = ..., match: _Optional[str] = ...) -> None: ...
 
 class IndexInfo(_message.Message):
-    __slots__ = ("item_count", "dimension", "input_dimension", "metric", "trees", "model_fingerprint", "model", "bundle_version", "bundle_path", "created_at", "pca_dimension", "pca_whiten", "default_search_k")
+    __slots__ = ("item_count", "dimension", "input_dimension", "metric", "trees", "model_fingerprint", "model", "bundle_version", "bundle_path", "created_at", "pca_dimension", "pca_whiten", "default_search_k", "local_features", "verify_top")
     ITEM_COUNT_FIELD_NUMBER: _ClassVar[int]
     DIMENSION_FIELD_NUMBER: _ClassVar[int]
     INPUT_DIMENSION_FIELD_NUMBER: _ClassVar[int]
@@ -87,6 +93,8 @@ class IndexInfo(_message.Message):
     PCA_DIMENSION_FIELD_NUMBER: _ClassVar[int]
     PCA_WHITEN_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_SEARCH_K_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_FEATURES_FIELD_NUMBER: _ClassVar[int]
+    VERIFY_TOP_FIELD_NUMBER: _ClassVar[int]
     item_count: int
     dimension: int
     input_dimension: int
@@ -100,4 +108,6 @@ class IndexInfo(_message.Message):
     pca_dimension: int
     pca_whiten: bool
     default_search_k: int
-    def __init__(self, item_count: _Optional[int] = ..., dimension: _Optional[int] = ..., input_dimension: _Optional[int] = ..., metric: _Optional[str] = ..., trees: _Optional[int] = ..., model_fingerprint: _Optional[str] = ..., model: _Optional[_Union[ModelInfo, _Mapping]] = ..., bundle_version: _Optional[str] = ..., bundle_path: _Optional[str] = ..., created_at: _Optional[str] = ..., pca_dimension: _Optional[int] = ..., pca_whiten: _Optional[bool] = ..., default_search_k: _Optional[int] = ...) -> None: ...
+    local_features: str
+    verify_top: int
+    def __init__(self, item_count: _Optional[int] = ..., dimension: _Optional[int] = ..., input_dimension: _Optional[int] = ..., metric: _Optional[str] = ..., trees: _Optional[int] = ..., model_fingerprint: _Optional[str] = ..., model: _Optional[_Union[ModelInfo, _Mapping]] = ..., bundle_version: _Optional[str] = ..., bundle_path: _Optional[str] = ..., created_at: _Optional[str] = ..., pca_dimension: _Optional[int] = ..., pca_whiten: _Optional[bool] = ..., default_search_k: _Optional[int] = ..., local_features: _Optional[str] = ..., verify_top: _Optional[int] = ...) -> None: ...

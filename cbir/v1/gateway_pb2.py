@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from cbir.v1 import common_pb2 as cbir_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x63\x62ir/v1/gateway.proto\x12\x07\x63\x62ir.v1\x1a\x14\x63\x62ir/v1/common.proto\"B\n\x14SearchByImageRequest\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\t\n\x01k\x18\x02 \x01(\r\x12\x10\n\x08search_k\x18\x03 \x01(\x03\"Q\n\x07Timings\x12\x10\n\x08\x65mbed_ms\x18\x01 \x01(\x01\x12\x10\n\x08index_ms\x18\x02 \x01(\x01\x12\x10\n\x08total_ms\x18\x03 \x01(\x01\x12\x10\n\x08\x66\x65tch_ms\x18\x04 \x01(\x01\"n\n\x15SearchByImageResponse\x12\x1a\n\x04hits\x18\x01 \x03(\x0b\x32\x0c.cbir.v1.Hit\x12\x16\n\x0e\x62undle_version\x18\x02 \x01(\t\x12!\n\x07timings\x18\x03 \x01(\x0b\x32\x10.cbir.v1.Timings\"W\n\x11SearchByIdRequest\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\t\n\x01k\x18\x02 \x01(\r\x12\x10\n\x08search_k\x18\x03 \x01(\x03\x12\x14\n\x0c\x65xclude_self\x18\x04 \x01(\x08\"k\n\x12SearchByIdResponse\x12\x1a\n\x04hits\x18\x01 \x03(\x0b\x32\x0c.cbir.v1.Hit\x12\x16\n\x0e\x62undle_version\x18\x02 \x01(\t\x12!\n\x07timings\x18\x03 \x01(\x0b\x32\x10.cbir.v1.Timings\">\n\x12SearchByUrlRequest\x12\x0b\n\x03url\x18\x01 \x01(\t\x12\t\n\x01k\x18\x02 \x01(\r\x12\x10\n\x08search_k\x18\x03 \x01(\x03\"\x97\x01\n\x13SearchByUrlResponse\x12\x1a\n\x04hits\x18\x01 \x03(\x0b\x32\x0c.cbir.v1.Hit\x12\x16\n\x0e\x62undle_version\x18\x02 \x01(\t\x12!\n\x07timings\x18\x03 \x01(\x0b\x32\x10.cbir.v1.Timings\x12\x13\n\x0bimage_bytes\x18\x04 \x01(\x04\x12\x14\n\x0c\x63ontent_type\x18\x05 \x01(\t\"\x12\n\x10GetStatusRequest\"k\n\x0eUpstreamStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06target\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x04 \x01(\t\x12\x0f\n\x07\x63hannel\x18\x05 \x01(\t\x12\x0b\n\x03tls\x18\x06 \x01(\x08\"\xcb\x01\n\x11GetStatusResponse\x12*\n\tupstreams\x18\x01 \x03(\x0b\x32\x17.cbir.v1.UpstreamStatus\x12!\n\x05model\x18\x02 \x01(\x0b\x32\x12.cbir.v1.ModelInfo\x12!\n\x05index\x18\x03 \x01(\x0b\x32\x12.cbir.v1.IndexInfo\x12\x12\n\ncompatible\x18\x04 \x01(\x08\x12\x0e\n\x06\x64\x65tail\x18\x05 \x01(\t\x12\x11\n\tdefault_k\x18\x06 \x01(\r\x12\r\n\x05max_k\x18\x07 \x01(\r2\xae\x02\n\x07Gateway\x12N\n\rSearchByImage\x12\x1d.cbir.v1.SearchByImageRequest\x1a\x1e.cbir.v1.SearchByImageResponse\x12\x45\n\nSearchById\x12\x1a.cbir.v1.SearchByIdRequest\x1a\x1b.cbir.v1.SearchByIdResponse\x12H\n\x0bSearchByUrl\x12\x1b.cbir.v1.SearchByUrlRequest\x1a\x1c.cbir.v1.SearchByUrlResponse\x12\x42\n\tGetStatus\x12\x19.cbir.v1.GetStatusRequest\x1a\x1a.cbir.v1.GetStatusResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x63\x62ir/v1/gateway.proto\x12\x07\x63\x62ir.v1\x1a\x14\x63\x62ir/v1/common.proto\"U\n\x14SearchByImageRequest\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\t\n\x01k\x18\x02 \x01(\r\x12\x10\n\x08search_k\x18\x03 \x01(\x03\x12\x11\n\tmin_score\x18\x04 \x01(\x02\"Q\n\x07Timings\x12\x10\n\x08\x65mbed_ms\x18\x01 \x01(\x01\x12\x10\n\x08index_ms\x18\x02 \x01(\x01\x12\x10\n\x08total_ms\x18\x03 \x01(\x01\x12\x10\n\x08\x66\x65tch_ms\x18\x04 \x01(\x01\"n\n\x15SearchByImageResponse\x12\x1a\n\x04hits\x18\x01 \x03(\x0b\x32\x0c.cbir.v1.Hit\x12\x16\n\x0e\x62undle_version\x18\x02 \x01(\t\x12!\n\x07timings\x18\x03 \x01(\x0b\x32\x10.cbir.v1.Timings\"j\n\x11SearchByIdRequest\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\t\n\x01k\x18\x02 \x01(\r\x12\x10\n\x08search_k\x18\x03 \x01(\x03\x12\x14\n\x0c\x65xclude_self\x18\x04 \x01(\x08\x12\x11\n\tmin_score\x18\x05 \x01(\x02\"k\n\x12SearchByIdResponse\x12\x1a\n\x04hits\x18\x01 \x03(\x0b\x32\x0c.cbir.v1.Hit\x12\x16\n\x0e\x62undle_version\x18\x02 \x01(\t\x12!\n\x07timings\x18\x03 \x01(\x0b\x32\x10.cbir.v1.Timings\"Q\n\x12SearchByUrlRequest\x12\x0b\n\x03url\x18\x01 \x01(\t\x12\t\n\x01k\x18\x02 \x01(\r\x12\x10\n\x08search_k\x18\x03 \x01(\x03\x12\x11\n\tmin_score\x18\x04 \x01(\x02\"\x97\x01\n\x13SearchByUrlResponse\x12\x1a\n\x04hits\x18\x01 \x03(\x0b\x32\x0c.cbir.v1.Hit\x12\x16\n\x0e\x62undle_version\x18\x02 \x01(\t\x12!\n\x07timings\x18\x03 \x01(\x0b\x32\x10.cbir.v1.Timings\x12\x13\n\x0bimage_bytes\x18\x04 \x01(\x04\x12\x14\n\x0c\x63ontent_type\x18\x05 \x01(\t\"\x12\n\x10GetStatusRequest\"k\n\x0eUpstreamStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06target\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x04 \x01(\t\x12\x0f\n\x07\x63hannel\x18\x05 \x01(\t\x12\x0b\n\x03tls\x18\x06 \x01(\x08\"\xcb\x01\n\x11GetStatusResponse\x12*\n\tupstreams\x18\x01 \x03(\x0b\x32\x17.cbir.v1.UpstreamStatus\x12!\n\x05model\x18\x02 \x01(\x0b\x32\x12.cbir.v1.ModelInfo\x12!\n\x05index\x18\x03 \x01(\x0b\x32\x12.cbir.v1.IndexInfo\x12\x12\n\ncompatible\x18\x04 \x01(\x08\x12\x0e\n\x06\x64\x65tail\x18\x05 \x01(\t\x12\x11\n\tdefault_k\x18\x06 \x01(\r\x12\r\n\x05max_k\x18\x07 \x01(\r2\xae\x02\n\x07Gateway\x12N\n\rSearchByImage\x12\x1d.cbir.v1.SearchByImageRequest\x1a\x1e.cbir.v1.SearchByImageResponse\x12\x45\n\nSearchById\x12\x1a.cbir.v1.SearchByIdRequest\x1a\x1b.cbir.v1.SearchByIdResponse\x12H\n\x0bSearchByUrl\x12\x1b.cbir.v1.SearchByUrlRequest\x1a\x1c.cbir.v1.SearchByUrlResponse\x12\x42\n\tGetStatus\x12\x19.cbir.v1.GetStatusRequest\x1a\x1a.cbir.v1.GetStatusResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,25 +33,25 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'cbir.v1.gateway_pb2', _glob
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SEARCHBYIMAGEREQUEST']._serialized_start=56
-  _globals['_SEARCHBYIMAGEREQUEST']._serialized_end=122
-  _globals['_TIMINGS']._serialized_start=124
-  _globals['_TIMINGS']._serialized_end=205
-  _globals['_SEARCHBYIMAGERESPONSE']._serialized_start=207
-  _globals['_SEARCHBYIMAGERESPONSE']._serialized_end=317
-  _globals['_SEARCHBYIDREQUEST']._serialized_start=319
-  _globals['_SEARCHBYIDREQUEST']._serialized_end=406
-  _globals['_SEARCHBYIDRESPONSE']._serialized_start=408
-  _globals['_SEARCHBYIDRESPONSE']._serialized_end=515
-  _globals['_SEARCHBYURLREQUEST']._serialized_start=517
-  _globals['_SEARCHBYURLREQUEST']._serialized_end=579
-  _globals['_SEARCHBYURLRESPONSE']._serialized_start=582
-  _globals['_SEARCHBYURLRESPONSE']._serialized_end=733
-  _globals['_GETSTATUSREQUEST']._serialized_start=735
-  _globals['_GETSTATUSREQUEST']._serialized_end=753
-  _globals['_UPSTREAMSTATUS']._serialized_start=755
-  _globals['_UPSTREAMSTATUS']._serialized_end=862
-  _globals['_GETSTATUSRESPONSE']._serialized_start=865
-  _globals['_GETSTATUSRESPONSE']._serialized_end=1068
-  _globals['_GATEWAY']._serialized_start=1071
-  _globals['_GATEWAY']._serialized_end=1373
+  _globals['_SEARCHBYIMAGEREQUEST']._serialized_end=141
+  _globals['_TIMINGS']._serialized_start=143
+  _globals['_TIMINGS']._serialized_end=224
+  _globals['_SEARCHBYIMAGERESPONSE']._serialized_start=226
+  _globals['_SEARCHBYIMAGERESPONSE']._serialized_end=336
+  _globals['_SEARCHBYIDREQUEST']._serialized_start=338
+  _globals['_SEARCHBYIDREQUEST']._serialized_end=444
+  _globals['_SEARCHBYIDRESPONSE']._serialized_start=446
+  _globals['_SEARCHBYIDRESPONSE']._serialized_end=553
+  _globals['_SEARCHBYURLREQUEST']._serialized_start=555
+  _globals['_SEARCHBYURLREQUEST']._serialized_end=636
+  _globals['_SEARCHBYURLRESPONSE']._serialized_start=639
+  _globals['_SEARCHBYURLRESPONSE']._serialized_end=790
+  _globals['_GETSTATUSREQUEST']._serialized_start=792
+  _globals['_GETSTATUSREQUEST']._serialized_end=810
+  _globals['_UPSTREAMSTATUS']._serialized_start=812
+  _globals['_UPSTREAMSTATUS']._serialized_end=919
+  _globals['_GETSTATUSRESPONSE']._serialized_start=922
+  _globals['_GETSTATUSRESPONSE']._serialized_end=1125
+  _globals['_GATEWAY']._serialized_start=1128
+  _globals['_GATEWAY']._serialized_end=1430
 # @@protoc_insertion_point(module_scope)

@@ -8,14 +8,16 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class SearchByImageRequest(_message.Message):
-    __slots__ = ("image", "k", "search_k")
+    __slots__ = ("image", "k", "search_k", "min_score")
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
     SEARCH_K_FIELD_NUMBER: _ClassVar[int]
+    MIN_SCORE_FIELD_NUMBER: _ClassVar[int]
     image: bytes
     k: int
     search_k: int
-    def __init__(self, image: _Optional[bytes] = ..., k: _Optional[int] = ..., search_k: _Optional[int] = ...) -> None: ...
+    min_score: float
+    def __init__(self, image: _Optional[bytes] = ..., k: _Optional[int] = ..., search_k: _Optional[int] = ..., min_score: _Optional[float] = ...) -> None: ...
 
 class Timings(_message.Message):
     __slots__ = ("embed_ms", "index_ms", "total_ms", "fetch_ms")
@@ -40,16 +42,18 @@ class SearchByImageResponse(_message.Message):
     def __init__(self, hits: _Optional[_Iterable[_Union[_common_pb2.Hit, _Mapping]]] = ..., bundle_version: _Optional[str] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ...) -> None: ...
 
 class SearchByIdRequest(_message.Message):
-    __slots__ = ("item_id", "k", "search_k", "exclude_self")
+    __slots__ = ("item_id", "k", "search_k", "exclude_self", "min_score")
     ITEM_ID_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
     SEARCH_K_FIELD_NUMBER: _ClassVar[int]
     EXCLUDE_SELF_FIELD_NUMBER: _ClassVar[int]
+    MIN_SCORE_FIELD_NUMBER: _ClassVar[int]
     item_id: str
     k: int
     search_k: int
     exclude_self: bool
-    def __init__(self, item_id: _Optional[str] = ..., k: _Optional[int] = ..., search_k: _Optional[int] = ..., exclude_self: _Optional[bool] = ...) -> None: ...
+    min_score: float
+    def __init__(self, item_id: _Optional[str] = ..., k: _Optional[int] = ..., search_k: _Optional[int] = ..., exclude_self: _Optional[bool] = ..., min_score: _Optional[float] = ...) -> None: ...
 
 class SearchByIdResponse(_message.Message):
     __slots__ = ("hits", "bundle_version", "timings")
@@ -62,14 +66,16 @@ class SearchByIdResponse(_message.Message):
     def __init__(self, hits: _Optional[_Iterable[_Union[_common_pb2.Hit, _Mapping]]] = ..., bundle_version: _Optional[str] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ...) -> None: ...
 
 class SearchByUrlRequest(_message.Message):
-    __slots__ = ("url", "k", "search_k")
+    __slots__ = ("url", "k", "search_k", "min_score")
     URL_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
     SEARCH_K_FIELD_NUMBER: _ClassVar[int]
+    MIN_SCORE_FIELD_NUMBER: _ClassVar[int]
     url: str
     k: int
     search_k: int
-    def __init__(self, url: _Optional[str] = ..., k: _Optional[int] = ..., search_k: _Optional[int] = ...) -> None: ...
+    min_score: float
+    def __init__(self, url: _Optional[str] = ..., k: _Optional[int] = ..., search_k: _Optional[int] = ..., min_score: _Optional[float] = ...) -> None: ...
 
 class SearchByUrlResponse(_message.Message):
     __slots__ = ("hits", "bundle_version", "timings", "image_bytes", "content_type")

@@ -8,16 +8,22 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class QueryVectorRequest(_message.Message):
-    __slots__ = ("vector", "k", "search_k", "model_fingerprint")
+    __slots__ = ("vector", "k", "search_k", "model_fingerprint", "local_features", "local_features_mirrored", "min_score")
     VECTOR_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
     SEARCH_K_FIELD_NUMBER: _ClassVar[int]
     MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_FEATURES_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_FEATURES_MIRRORED_FIELD_NUMBER: _ClassVar[int]
+    MIN_SCORE_FIELD_NUMBER: _ClassVar[int]
     vector: _common_pb2.Vector
     k: int
     search_k: int
     model_fingerprint: str
-    def __init__(self, vector: _Optional[_Union[_common_pb2.Vector, _Mapping]] = ..., k: _Optional[int] = ..., search_k: _Optional[int] = ..., model_fingerprint: _Optional[str] = ...) -> None: ...
+    local_features: bytes
+    local_features_mirrored: bytes
+    min_score: float
+    def __init__(self, vector: _Optional[_Union[_common_pb2.Vector, _Mapping]] = ..., k: _Optional[int] = ..., search_k: _Optional[int] = ..., model_fingerprint: _Optional[str] = ..., local_features: _Optional[bytes] = ..., local_features_mirrored: _Optional[bytes] = ..., min_score: _Optional[float] = ...) -> None: ...
 
 class QueryVectorResponse(_message.Message):
     __slots__ = ("hits", "bundle_version")
@@ -28,16 +34,18 @@ class QueryVectorResponse(_message.Message):
     def __init__(self, hits: _Optional[_Iterable[_Union[_common_pb2.Hit, _Mapping]]] = ..., bundle_version: _Optional[str] = ...) -> None: ...
 
 class QueryItemRequest(_message.Message):
-    __slots__ = ("item_id", "k", "search_k", "exclude_self")
+    __slots__ = ("item_id", "k", "search_k", "exclude_self", "min_score")
     ITEM_ID_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
     SEARCH_K_FIELD_NUMBER: _ClassVar[int]
     EXCLUDE_SELF_FIELD_NUMBER: _ClassVar[int]
+    MIN_SCORE_FIELD_NUMBER: _ClassVar[int]
     item_id: str
     k: int
     search_k: int
     exclude_self: bool
-    def __init__(self, item_id: _Optional[str] = ..., k: _Optional[int] = ..., search_k: _Optional[int] = ..., exclude_self: _Optional[bool] = ...) -> None: ...
+    min_score: float
+    def __init__(self, item_id: _Optional[str] = ..., k: _Optional[int] = ..., search_k: _Optional[int] = ..., exclude_self: _Optional[bool] = ..., min_score: _Optional[float] = ...) -> None: ...
 
 class QueryItemResponse(_message.Message):
     __slots__ = ("hits", "bundle_version")

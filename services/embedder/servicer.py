@@ -67,6 +67,7 @@ class EmbedderServicer(embedder_pb2_grpc.EmbedderServicer):
         good: list[int] = []
         pixels: list[np.ndarray] = []
         vectors = []
+        local = request.local_features and embedder.has_local_features
         with batcher.arriving() as arrival:  # a batch being gathered waits for this request's images
             for index, data in enumerate(request.images):
                 try:
@@ -75,6 +76,12 @@ class EmbedderServicer(embedder_pb2_grpc.EmbedderServicer):
                 except BadImage as error:
                     results[index].error = str(error)
                     log.debug("image %d of %d refused: %s", index, count, error)
+                    continue
+                if local:
+                    found = embedder.local_features(pixels[-1], mirrored=request.mirrored)
+                    results[index].local_features = found[0]
+                    if request.mirrored:
+                        results[index].local_features_mirrored = found[1]
             if pixels:
                 vectors = batcher.embed(pixels if embedder.keep_aspect else np.stack(pixels), arrival=arrival)
         for index, vector in zip(good, vectors):

@@ -31,11 +31,18 @@ class EmbedderSettings(ServerSettings):
         "gem", description="pooling of block5_conv3 for feature gem: gem (GeM with gem_p), mac (max), avg (average); "
         "with resize=keep_aspect also rmac / rgem (regional max / GeM over a 3-level grid)"
     )
-    resize: Literal["squash", "keep_aspect"] = Field(
-        "squash", description="squash: the image resized to input_size x input_size (the original VGG-16 input); "
-        "keep_aspect: its longer side to input_size, proportions kept (feature gem)"
+    resize: Literal["auto", "squash", "keep_aspect", "squash+keep_aspect"] = Field(
+        "auto", description="squash: the image resized to input_size x input_size (the original VGG-16 input); "
+        "keep_aspect: its longer side to input_size, proportions kept (feature gem); squash+keep_aspect: both "
+        "passes (224 x 224 and longer side input_size), their descriptors summed; auto: squash+keep_aspect for "
+        "feature gem on the keras backend (measured best, BENCHMARKS.md), squash otherwise (fc1, onnx)"
     )
-    input_size: int = Field(224, ge=32, le=2048, description="the network's input: the square side (squash, 224 "
+    local_features: bool = Field(
+        True, description="with resize=keep_aspect or squash+keep_aspect: also extract RootSIFT local features "
+        "when a request asks (geometric verification of copies); recorded in ModelInfo.local_features"
+    )
+    input_size: int = Field(0, ge=0, le=2048, description="0 = 224 for squash, 448 otherwise; the network's input: "
+                            "the square side (squash, 224 "
                             "only) or the longer side (keep_aspect)")
     whitening: str = Field("", description="whitening of the descriptor (resize=keep_aspect): a .npz file with mean, "
                            "projection and source, or the name of one shipped in services/embedder/whitening/; "
@@ -106,13 +113,21 @@ class EmbedderSettings(ServerSettings):
         if self.feature == "fc1" and self.scales != (1.0,):
             raise ValueError("feature fc1 takes the fixed 224x224 input of VGG-16's top: it has no multi-scale "
                              "option (use scales=1, or feature gem)")
+        if self.resize == "auto":
+            self.resize = "squash+keep_aspect" if self.feature == "gem" and self.backend == "keras" else "squash"
+        if self.input_size == 0:
+            self.input_size = 224 if self.resize == "squash" else 448
+        if self.input_size < 32:
+            raise ValueError(f"input_size must be at least 32 (0 = the default), got {self.input_size}")
+        if self.resize == "squash+keep_aspect" and self.feature != "gem":
+            raise ValueError("resize=squash+keep_aspect needs feature gem: fc1 takes the fixed 224 x 224 input")
         if self.resize == "squash" and self.input_size != 224:
             raise ValueError(f"input_size={self.input_size} needs resize=keep_aspect: the squashed input is VGG-16's "
                              "224 x 224")
         if self.resize == "squash" and (self.pooling in ("rmac", "rgem") or self.whitening):
-            raise ValueError(f"pooling={self.pooling} and whitening need resize=keep_aspect")
+            raise ValueError(f"pooling={self.pooling} and whitening need resize=keep_aspect or squash+keep_aspect")
         if self.resize == "keep_aspect" and self.feature != "gem":
             raise ValueError("resize=keep_aspect needs feature gem: fc1 takes the fixed 224 x 224 input")
-        if self.resize == "keep_aspect" and self.backend != "keras":
-            raise ValueError("resize=keep_aspect runs on the keras backend only (the ONNX export takes 224 x 224)")
+        if self.resize != "squash" and self.backend != "keras":
+            raise ValueError(f"resize={self.resize} runs on the keras backend only (the ONNX export takes 224 x 224)")
         return self

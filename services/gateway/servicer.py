@@ -76,7 +76,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         if not request.image:
             raise InvalidRequest("image is empty: send the encoded bytes of a JPEG, PNG, WebP, ... image")
         k = self._k(request.k)
-        found, embed_s, index_s = self._search_image(request.image, k, request.search_k, budget)
+        found, embed_s, index_s = self._search_image(request.image, k, request.search_k, request.min_score, budget)
         return gateway_pb2.SearchByImageResponse(
             hits=found.hits,
             bundle_version=found.bundle_version,
@@ -93,7 +93,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         k = self._k(request.k)
         with metrics.stage("gateway", "fetch") as fetch:
             fetched = self.urls.fetch(request.url, deadline=budget.end)
-        found, embed_s, index_s = self._search_image(fetched.data, k, request.search_k, budget)
+        found, embed_s, index_s = self._search_image(fetched.data, k, request.search_k, request.min_score, budget)
         return gateway_pb2.SearchByUrlResponse(
             hits=found.hits,
             bundle_version=found.bundle_version,
@@ -105,15 +105,19 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             content_type=fetched.content_type,
         )
 
-    def _search_image(self, image: bytes, k: int, search_k: int, budget: Budget):
-        """Embed `image`, then ask the indexer: (QueryVectorResponse, embed seconds, index seconds)."""
+    def _search_image(self, image: bytes, k: int, search_k: int, min_score: float, budget: Budget):
+        """Embed `image` (with its local features when `verify` is on), then ask the indexer:
+        (QueryVectorResponse, embed seconds, index seconds)."""
         with metrics.stage("gateway", "embed") as embed:
-            vector, fingerprint = self.embedder.embed(image, timeout_s=self.settings.embed_timeout_s, budget=budget)
+            result, fingerprint = self.embedder.embed(image, timeout_s=self.settings.embed_timeout_s, budget=budget,
+                                                      local_features=self.settings.verify)
 
         with metrics.stage("gateway", "index") as index:
             found = self.indexer.query_vector(
                 indexer_pb2.QueryVectorRequest(
-                    vector=vector, k=k, search_k=search_k, model_fingerprint=fingerprint
+                    vector=result.vector, k=k, search_k=search_k, model_fingerprint=fingerprint,
+                    local_features=result.local_features, local_features_mirrored=result.local_features_mirrored,
+                    min_score=min_score,
                 ),
                 timeout_s=self.settings.index_timeout_s,
                 budget=budget,
@@ -129,7 +133,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         with metrics.stage("gateway", "index") as index:
             found = self.indexer.query_item(
                 indexer_pb2.QueryItemRequest(
-                    item_id=request.item_id, k=k, search_k=request.search_k, exclude_self=request.exclude_self
+                    item_id=request.item_id, k=k, search_k=request.search_k, exclude_self=request.exclude_self,
+                    min_score=request.min_score,
                 ),
                 timeout_s=self.settings.index_timeout_s,
                 budget=self._budget(context),

@@ -26,6 +26,11 @@ class GatewaySettings(ServerSettings):
     indexer_target: str = Field("127.0.0.1:50052", min_length=1, description="gRPC target of the indexer(s)")
     default_k: int = Field(20, ge=1, description="hits returned when a request asks for k = 0")
     max_k: int = Field(1000, ge=1, description="the most hits one request may ask for")
+    verify: bool = Field(
+        True, description="ask the embedder for each query's local features (and its mirror's) so that the indexer "
+        "verifies its best candidates geometrically (copies found first; ~50 ms of the embedder per query); "
+        "without effect when the model or the bundle has none"
+    )
     embed_timeout_s: float = Field(30.0, gt=0, description="deadline of one Embed call (VGG-16 on a busy CPU)")
     index_timeout_s: float = Field(5.0, gt=0, description="deadline of one indexer query")
     status_timeout_s: float = Field(2.0, gt=0, description="deadline of each upstream check in GetStatus")

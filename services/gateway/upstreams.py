@@ -195,10 +195,12 @@ class EmbedderUpstream(Upstream):
         super().__init__("embedder", target, EMBEDDER_SERVICE, max_message_bytes=max_message_bytes, tls=tls)
         self.stub = embedder_pb2_grpc.EmbedderStub(self.channel)
 
-    def embed(self, image: bytes, *, timeout_s: float, budget: Budget | None = None) -> tuple[common_pb2.Vector, str]:
-        """(vector, model fingerprint) of one image; BadImage with the embedder's reason if it is not one."""
-        response = self.call("Embed", self.stub.Embed, embedder_pb2.EmbedRequest(images=[image]), timeout_s=timeout_s,
-                             budget=budget)
+    def embed(self, image: bytes, *, timeout_s: float, budget: Budget | None = None, local_features: bool = False
+              ) -> tuple[embedder_pb2.EmbedResult, str]:
+        """(result, model fingerprint) of one image, with its local features (and its mirror's) when asked and
+        the model has them; BadImage with the embedder's reason if it is not an image."""
+        request = embedder_pb2.EmbedRequest(images=[image], local_features=local_features, mirrored=local_features)
+        response = self.call("Embed", self.stub.Embed, request, timeout_s=timeout_s, budget=budget)
         if len(response.results) != 1:
             raise UpstreamFailed(
                 f"embedder at {self.target} returned {len(response.results)} results for 1 image"
@@ -208,7 +210,7 @@ class EmbedderUpstream(Upstream):
             raise BadImage(result.error)
         if result.vector.dimension == 0:
             raise UpstreamFailed(f"embedder at {self.target} returned neither a vector nor an error")
-        return result.vector, response.model_fingerprint
+        return result, response.model_fingerprint
 
     def model_info(self, *, timeout_s: float) -> PendingCall:
         return self.start(

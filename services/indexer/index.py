@@ -5,6 +5,10 @@ items by id, what is served) on plain Python/NumPy values; the gRPC servicer onl
 Annoy queries release the GIL and are safe to run concurrently on a read-only index; item
 lookups use one read-only SQLite connection per thread (`cbir.bundle.Bundle`).
 
+With local features (the query's, and the bundle's of every item), the best `Verification.top`
+candidates are verified geometrically and re-ranked (`verification`), and each hit gets its inlier
+count and match class; `min_score` leaves out weaker hits.
+
 Deleted items (the bundle root's deletion list, `set_deleted`) are left out of every answer: a
 query asks Annoy for as many more neighbours as there are deleted items in the bundle (doubling
 when that is not enough), so it still returns k hits when the bundle has them.
@@ -27,7 +31,9 @@ import numpy as np
 from cbir import metrics
 from cbir.bundle import Bundle, ItemRecord
 from cbir.errors import Incompatible, InvalidRequest, NotFound, NotReady
+from cbir.local_features import DESCRIPTION, LocalFeatures, rerank
 from cbir.v1 import common_pb2
+from services.indexer.verification import Verification, count_inliers, stored_features
 
 SERVICE = "indexer"
 _INT32_MAX = 2**31 - 1
@@ -44,6 +50,8 @@ class SearchHit:
     distance: float  # Annoy's, in the bundle's metric (after PCA, if any)
     score: float  # similarity in [0, 1], 1 = identical
     metadata: dict[str, str] = field(default_factory=dict)
+    inliers: int = 0  # geometric verification: keypoint matches one model explains (0 = none, or not verified)
+    match: str = ""  # "same_image", "copy", "similar" or "" (Verification.match_class)
 
 
 def score(metric: str, distance: float) -> float:
@@ -60,9 +68,10 @@ def score(metric: str, distance: float) -> float:
 class SearchIndex:
     """Nearest-neighbour search and item lookups over one `Bundle`."""
 
-    def __init__(self, bundle: Bundle, *, max_k: int = 1000):
+    def __init__(self, bundle: Bundle, *, max_k: int = 1000, verification: Verification = Verification()):
         self.bundle = bundle
         self.max_k = max_k
+        self.verification = verification
         manifest = bundle.manifest
         # Annoy may find more roots than trees were asked for in tiny indexes; a search that
         # inspects roots * items candidates has visited every leaf of every tree.
@@ -142,6 +151,8 @@ class SearchIndex:
             pca_dimension=m.pca.dimension if m.pca else 0,
             pca_whiten=bool(m.pca and m.pca.whiten),
             default_search_k=m.default_search_k,
+            local_features=m.local_features,
+            verify_top=self.verification.top if self._has_local_features else 0,
         )
 
     # -- checks
@@ -158,9 +169,11 @@ class SearchIndex:
                 f"`cbir index build` using the current model"
             )
 
-    def _check_k(self, k: int) -> None:
+    def _check_k(self, k: int, min_score: float = 0.0) -> None:
         if not 1 <= k <= self.max_k:
             raise InvalidRequest(f"k must be between 1 and {self.max_k}, got {k}")
+        if not 0.0 <= min_score <= 1.0:  # also refuses NaN
+            raise InvalidRequest(f"min_score must be between 0 and 1 (scores are similarities), got {min_score}")
 
     def _search_k(self, k: int, search_k: int) -> int:
         """Annoy's search_k: the bundle default (at least trees * k) for 0; everything when k >= items."""
@@ -176,11 +189,13 @@ class SearchIndex:
 
     # -- queries
     def query_vector(
-        self, vector: np.ndarray, *, k: int, search_k: int = 0, model_fingerprint: str = ""
+        self, vector: np.ndarray, *, k: int, search_k: int = 0, model_fingerprint: str = "",
+        local: Sequence[LocalFeatures] = (), min_score: float = 0.0,
     ) -> list[SearchHit]:
-        """The k items nearest to `vector` (the bundle model's input dimension), best first."""
+        """The k items nearest to `vector` (the bundle model's input dimension), best first; re-ranked by
+        geometric verification when `local` holds the query's local features (and its mirror's)."""
         self.check_fingerprint(model_fingerprint)
-        self._check_k(k)
+        self._check_k(k, min_score)
         self._search_k(k, search_k)  # refuses a negative search_k
         array = np.asarray(vector, dtype=np.float32).reshape(-1)
         if array.size != self.input_dimension:
@@ -192,9 +207,21 @@ class SearchIndex:
                 array = self.bundle.pca.transform(array)
         ids, distances = self._nearest(
             lambda n, sk: self.bundle.index.get_nns_by_vector(array, n, search_k=sk, include_distances=True),
-            k, search_k, self._hidden,
+            self._candidates(k, local), search_k, self._hidden,
         )
-        return self._hits(ids, distances)
+        return self._hits(ids, distances, k, local, min_score)
+
+    @property
+    def _has_local_features(self) -> bool:
+        """The bundle stores local features of the kind this indexer verifies with."""
+        return self.bundle.local is not None and self.bundle.manifest.local_features == DESCRIPTION
+
+    def _verifies(self, local: Sequence[LocalFeatures]) -> bool:
+        return bool(local) and self._has_local_features and self.verification.top > 0
+
+    def _candidates(self, k: int, local: Sequence[LocalFeatures]) -> int:
+        """Neighbours to fetch: k, or the verified top when that is more."""
+        return max(k, self.verification.top) if self._verifies(local) else k
 
     def _nearest(self, fetch, k: int, search_k: int, hidden: frozenset[int]) -> tuple[list[int], list[float]]:
         """The k nearest (ids, distances) from `fetch(n, search_k)`, without the `hidden` Annoy ids."""
@@ -216,10 +243,11 @@ class SearchIndex:
             n = min(2 * n, total)
 
     def query_item(
-        self, item_id: str, *, k: int, search_k: int = 0, exclude_self: bool = False
+        self, item_id: str, *, k: int, search_k: int = 0, exclude_self: bool = False, min_score: float = 0.0
     ) -> list[SearchHit]:
-        """The k items nearest to an indexed item, best first; without the item itself if `exclude_self`."""
-        self._check_k(k)
+        """The k items nearest to an indexed item, best first; without the item itself if `exclude_self`.
+        Verified with the item's stored local features when the bundle has them."""
+        self._check_k(k, min_score)
         if not item_id:
             raise InvalidRequest("item_id is empty: give the id of an indexed item")
         with metrics.stage(SERVICE, "id_lookup"):
@@ -231,20 +259,38 @@ class SearchIndex:
         self._search_k(k, search_k)  # refuses a negative search_k
         if exclude_self:
             hidden = hidden | {record.annoy_id}
+        local = [stored_features(self.bundle.local, record.annoy_id)] if self._has_local_features else []
         ids, distances = self._nearest(
             lambda n, sk: self.bundle.index.get_nns_by_item(record.annoy_id, n, search_k=sk, include_distances=True),
-            k, search_k, hidden,
+            self._candidates(k, local), search_k, hidden,
         )
-        return self._hits(ids, distances)
+        return self._hits(ids, distances, k, local, min_score)
 
-    def _hits(self, ids: Sequence[int], distances: Sequence[float]) -> list[SearchHit]:
-        with metrics.stage(SERVICE, "id_lookup"):
-            records = self.bundle.items_by_annoy_ids(ids)
+    def _hits(self, ids: Sequence[int], distances: Sequence[float], k: int, local: Sequence[LocalFeatures] = (),
+              min_score: float = 0.0) -> list[SearchHit]:
+        """The first k hits of these candidates (best first) after verification and the min_score cut."""
+        ids, distances = list(ids), list(distances)
+        inliers = [0] * len(ids)
+        verified = 0
+        if self._verifies(local):
+            verified = min(len(ids), self.verification.top)
+            with metrics.stage(SERVICE, "verify"):
+                counts = count_inliers(local, self.bundle.local, ids[:verified])
+            order = rerank(counts, self.verification.min_inliers) + list(range(verified, len(ids)))
+            ids, distances = [ids[i] for i in order], [distances[i] for i in order]
+            inliers = [counts[i] if i < verified else 0 for i in order]
         metric = self.bundle.metric
-        return [
-            SearchHit(r.item_id, r.url, float(d), score(metric, d), r.metadata)
-            for r, d in zip(records, distances)
-        ]
+        kept = [i for i, d in enumerate(distances) if score(metric, d) >= min_score][:k]
+        with metrics.stage(SERVICE, "id_lookup"):
+            records = self.bundle.items_by_annoy_ids([ids[i] for i in kept])
+        hits = []
+        for i, record in zip(kept, records):
+            similarity = score(metric, distances[i])
+            # rerank permutes only the first `verified` candidates: position i < verified was verified
+            match = self.verification.match_class(similarity, inliers[i], verified=i < verified)
+            hits.append(SearchHit(record.item_id, record.url, float(distances[i]), similarity, record.metadata,
+                                  inliers[i], match))
+        return hits
 
     def get_items(self, item_ids: Sequence[str]) -> list[ItemRecord]:
         """Items in the order asked; NotFound listing (a few of) the unknown ids."""

@@ -267,7 +267,7 @@ class BundleLoader:
                 raise
             try:
                 self._check_model(bundle, live, allow_model_change)
-                index = SearchIndex(bundle, max_k=self.settings.max_k)
+                index = SearchIndex(bundle, max_k=self.settings.max_k, verification=self.settings.verification())
                 index.set_deleted(read_deleted(bundle.deleted_list.parent))
                 warm = self._warm_up(index)
             except BaseException:

@@ -7,7 +7,8 @@ them into status codes (INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION, UNAVAI
 from __future__ import annotations
 
 from cbir import vectors
-from cbir.errors import NotReady
+from cbir.errors import InvalidRequest, NotReady
+from cbir.local_features import BadLocalFeatures, LocalFeatures, from_bytes
 from cbir.v1 import common_pb2, indexer_pb2, indexer_pb2_grpc
 
 from .index import IndexHolder, SearchHit
@@ -18,8 +19,17 @@ SERVICE_NAME = "cbir.v1.Indexer"
 
 def _hit(hit: SearchHit) -> common_pb2.Hit:
     return common_pb2.Hit(
-        item_id=hit.item_id, url=hit.url, distance=hit.distance, score=hit.score, metadata=hit.metadata
+        item_id=hit.item_id, url=hit.url, distance=hit.distance, score=hit.score, metadata=hit.metadata,
+        inliers=hit.inliers, match=hit.match,
     )
+
+
+def _local(request: indexer_pb2.QueryVectorRequest) -> list[LocalFeatures]:
+    """The query's local features (and its mirror's), as sent; InvalidRequest when they cannot be read."""
+    try:
+        return [from_bytes(blob) for blob in (request.local_features, request.local_features_mirrored) if blob]
+    except BadLocalFeatures as error:
+        raise InvalidRequest(f"the query's local features cannot be read: {error}") from None
 
 
 class IndexerServicer(indexer_pb2_grpc.IndexerServicer):
@@ -31,13 +41,15 @@ class IndexerServicer(indexer_pb2_grpc.IndexerServicer):
         with self.holder.lease() as index:
             index.check_fingerprint(request.model_fingerprint)  # a different model explains a wrong dimension
             vector = vectors.from_proto(request.vector, index.input_dimension)
-            hits = index.query_vector(vector, k=request.k, search_k=request.search_k)
+            hits = index.query_vector(vector, k=request.k, search_k=request.search_k, local=_local(request),
+                                      min_score=request.min_score)
             return indexer_pb2.QueryVectorResponse(hits=[_hit(h) for h in hits], bundle_version=index.version)
 
     def QueryItem(self, request: indexer_pb2.QueryItemRequest, context) -> indexer_pb2.QueryItemResponse:
         with self.holder.lease() as index:
             hits = index.query_item(
-                request.item_id, k=request.k, search_k=request.search_k, exclude_self=request.exclude_self
+                request.item_id, k=request.k, search_k=request.search_k, exclude_self=request.exclude_self,
+                min_score=request.min_score,
             )
             return indexer_pb2.QueryItemResponse(hits=[_hit(h) for h in hits], bundle_version=index.version)
 

@@ -6,6 +6,7 @@ from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from cbir.settings import ServerSettings
+from services.indexer.verification import Verification
 
 
 class IndexerSettings(ServerSettings):
@@ -36,3 +37,17 @@ class IndexerSettings(ServerSettings):
     allow_model_change: bool = Field(
         False, description="let a reload switch to a bundle built with another model than the live one"
     )
+    # Geometric verification and match classes (services/indexer/verification.py); defaults measured on
+    # devbench for the default descriptor (BENCHMARKS.md "Geometric verification", "Match classes").
+    verify_top: int = Field(100, ge=0, le=1000, description="candidates verified with local features per query "
+                            "(when the bundle and the query have them); 0 = no verification")
+    verify_min_inliers: int = Field(10, ge=1, description="inliers that move a candidate to the front")
+    same_image_score: float = Field(0.93, ge=0, le=1, description="score from which a hit is the same image")
+    copy_inliers: int = Field(12, ge=1, description="inliers from which a verified hit is a copy")
+    copy_score: float = Field(0.88, ge=0, le=1, description="score from which an unverified hit is a copy")
+    similar_score: float = Field(0.60, ge=0, le=1, description="score from which a hit is similar")
+
+    def verification(self) -> Verification:
+        return Verification(top=self.verify_top, min_inliers=self.verify_min_inliers,
+                            same_image_score=self.same_image_score, copy_inliers=self.copy_inliers,
+                            copy_score=self.copy_score, similar_score=self.similar_score)
