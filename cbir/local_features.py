@@ -113,9 +113,13 @@ def _unit(descriptors: np.ndarray) -> np.ndarray:
     return d / np.maximum(np.linalg.norm(d, axis=1, keepdims=True), 1e-7)
 
 
-def inliers(queries: Sequence[LocalFeatures], candidates: Sequence[LocalFeatures]) -> np.ndarray:
+def inliers(queries: Sequence[LocalFeatures], candidates: Sequence[LocalFeatures],
+            min_matches: int = MIN_MATCHES) -> np.ndarray:
     """For each candidate, the most inliers of a sane homography between it and any of `queries` (e.g. a
-    query and its mirror image). Ratio-test matching for all candidates is one matrix product per query."""
+    query and its mirror image). Ratio-test matching for all candidates is one matrix product per query.
+    RANSAC (the expensive part) runs only for candidates with at least `min_matches` ratio-test matches,
+    the others count 0: a caller that acts only from N inliers passes N (there are never more inliers
+    than matches)."""
     out = np.zeros(len(candidates), np.int32)
     longest = max((len(c) for c in candidates), default=0)
     if longest < 2:
@@ -136,7 +140,7 @@ def inliers(queries: Sequence[LocalFeatures], candidates: Sequence[LocalFeatures
         d1 = np.sqrt(np.maximum(2 - 2 * first, 0))
         d2 = np.sqrt(np.maximum(2 - 2 * second, 0))
         good = (d1 < RATIO * d2) & (first > 0)
-        for j in np.nonzero(good.sum(axis=0) >= MIN_MATCHES)[0]:
+        for j in np.nonzero(good.sum(axis=0) >= max(4, min_matches))[0]:
             rows = np.nonzero(good[:, j])[0]
             source, target = query.xy[rows], candidates[j].xy[best[rows, j]]
             model, mask = cv2.findHomography(source, target, cv2.RANSAC, RANSAC_PX, maxIters=1000, confidence=0.995)

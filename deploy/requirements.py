@@ -30,11 +30,15 @@ COMMON = [
 ]
 
 SERVICES: dict[str, list[str]] = {
-    # VGG-16; also everything `cbir index build` needs, so the image can build in-process too.
-    "embedder": COMMON + ["tensorflow", "keras", "h5py", "numpy", "pillow", "annoy", "tqdm", "urllib3"],
-    # The Annoy bundle; and `cbir index build --embedder ...` (the one-shot build job), which embeds
-    # through the embedder service and decodes images with Pillow only to check them.
-    "indexer": COMMON + ["annoy", "numpy", "pillow", "tqdm", "urllib3"],
+    # VGG-16 and the local features (OpenCV's SIFT); also everything `cbir index build` needs, so the
+    # image can build in-process too.
+    "embedder": COMMON + ["tensorflow", "keras", "h5py", "numpy", "pillow", "annoy", "faiss-cpu", "tqdm", "urllib3",
+                          "opencv-python-headless"],
+    # The Annoy or faiss bundle (faiss is imported only for a faiss bundle) and geometric verification
+    # (OpenCV's RANSAC on the stored local features); and `cbir index build --embedder ...` (the
+    # one-shot build job), which embeds through the embedder service and decodes images with Pillow
+    # only to check them.
+    "indexer": COMMON + ["annoy", "faiss-cpu", "numpy", "pillow", "tqdm", "urllib3", "opencv-python-headless"],
     # SearchByUrl downloads images with cbir.download (urllib3).
     "gateway": COMMON + ["urllib3"],
     "ui": COMMON + ["gradio", "pillow"],

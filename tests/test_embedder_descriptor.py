@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from services.embedder import descriptor
-from services.embedder.embedder import Embedder
+from services.embedder import descriptor, images
+from services.embedder.embedder import Embedder, descriptor_name
 from services.embedder.settings import EmbedderSettings
 
 
@@ -75,8 +75,14 @@ def aspect_embedder():
 
 
 def test_images_keep_their_proportions_and_every_shape_gets_a_unit_vector(aspect_embedder):
+    # decoded to a source image (proportions exact, longer side at most 512, never enlarged), then each
+    # network pass resizes it: keep_aspect=256 gives a longer side of 256, both sides multiples of 16
     landscape, portrait = aspect_embedder.decode(jpeg(640, 480, 1)), aspect_embedder.decode(jpeg(300, 900, 2))
-    assert landscape.shape == (192, 256, 3) and portrait.shape == (256, 80, 3)
+    assert landscape.shape == (384, 512, 3) and portrait.shape == (512, 171, 3)
+    assert aspect_embedder.decode(jpeg(200, 100, 4)).shape == (100, 200, 3)
+    assert [str(step) for step in aspect_embedder.runner.passes] == ["keep_aspect=256"]
+    assert images.fit(landscape, "keep_aspect", 256).shape == (192, 256, 3)
+    assert images.fit(portrait, "keep_aspect", 256).shape == (256, 80, 3)
     results = aspect_embedder.embed_images([jpeg(640, 480, 1), jpeg(300, 900, 2), jpeg(640, 480, 3), b"not an image"])
     vectors = results[:3]
     assert all(v.shape == (512,) and np.isclose(np.linalg.norm(v), 1.0, atol=1e-5) for v in vectors)
@@ -87,21 +93,43 @@ def test_images_keep_their_proportions_and_every_shape_gets_a_unit_vector(aspect
 
 
 def test_every_choice_that_shapes_the_vectors_changes_the_fingerprint(aspect_embedder):
-    squash = Embedder.from_settings(EmbedderSettings(weights="random", random_seed=3, metrics_port=None))
+    squash = Embedder.from_settings(EmbedderSettings(weights="random", random_seed=3, metrics_port=None,
+                                                     resize="squash"))
     other_size = Embedder.from_settings(EmbedderSettings(weights="random", random_seed=3, metrics_port=None,
                                                          resize="keep_aspect", input_size=320, pooling="rgem"))
     fingerprints = {aspect_embedder.info.fingerprint, squash.info.fingerprint, other_size.info.fingerprint}
     assert len(fingerprints) == 3
-    assert aspect_embedder.info.pooling == "rgem(p=3);keep_aspect=256"
+    assert aspect_embedder.info.pooling == "rgem(p=3);source=512;keep_aspect=256"
+    assert squash.info.pooling == "gem(p=3)"
+    # the default (resize=auto): both passes, their sizes and the source side named
+    assert descriptor_name(EmbedderSettings(weights="random", metrics_port=None), None) == \
+        "gem(p=3);source=512;squash=224+keep_aspect=448"
 
 
 def test_settings_refuse_combinations_that_cannot_work_in_plain_words():
     with pytest.raises(ValueError, match="keep_aspect"):
-        EmbedderSettings(weights="random", metrics_port=None, input_size=448)
+        EmbedderSettings(weights="random", metrics_port=None, resize="squash", input_size=448)
     with pytest.raises(ValueError, match="keep_aspect"):
-        EmbedderSettings(weights="random", metrics_port=None, pooling="rmac")
+        EmbedderSettings(weights="random", metrics_port=None, resize="squash", pooling="rmac")
     with pytest.raises(ValueError, match="fc1"):
         EmbedderSettings(weights="random", metrics_port=None, feature="fc1", resize="keep_aspect")
+    with pytest.raises(ValueError, match="fc1"):
+        EmbedderSettings(weights="random", metrics_port=None, feature="fc1", resize="squash+keep_aspect")
+    with pytest.raises(ValueError, match="keras backend only"):
+        EmbedderSettings(weights="random", metrics_port=None, backend="onnx", resize="squash+keep_aspect")
+
+
+def test_resize_auto_picks_the_descriptor_for_gem_on_keras_and_squash_otherwise():
+    def resolved(**values):
+        settings = EmbedderSettings(weights="random", metrics_port=None, **values)
+        return settings.resize, settings.input_size
+
+    assert resolved() == ("squash+keep_aspect", 448)
+    assert resolved(feature="fc1") == ("squash", 224)
+    assert resolved(backend="onnx") == ("squash", 224)
+    assert resolved(resize="keep_aspect") == ("keep_aspect", 448)
+    assert resolved(resize="squash") == ("squash", 224)
+    assert resolved(input_size=320) == ("squash+keep_aspect", 320)
 
 
 def test_an_unknown_whitening_is_refused_with_the_shipped_names():

@@ -222,12 +222,14 @@ def test_model_info_and_its_metric(stub, embedder):
     """GetModelInfo returns the embedder's ModelInfo; cbir_embedder_model_info carries the same labels."""
     info = stub.GetModelInfo(embedder_pb2.GetModelInfoRequest(), timeout=10).model
     assert info == embedder.info
-    assert (info.name, info.feature, info.dimension, info.pooling) == ("vgg16", "gem", 512, "gem(p=3)")
+    pooling = "gem(p=3);source=512;squash=224+keep_aspect=448"  # the default descriptor (resize=auto)
+    assert (info.name, info.feature, info.dimension, info.pooling) == ("vgg16", "gem", 512, pooling)
+    assert info.local_features == "rootsift:500@512"
     assert (info.weights_source, info.weights_fingerprint, info.preprocessing) == ("random:0", "random-seed-0", "caffe")
     assert info.fingerprint.startswith("vgg16-gem-")
     labels = {
         "name": "vgg16", "feature": "gem", "dimension": "512", "weights_source": "random:0",
-        "weights_fingerprint": "random-seed-0", "preprocessing": "caffe", "pooling": "gem(p=3)",
+        "weights_fingerprint": "random-seed-0", "preprocessing": "caffe", "pooling": pooling,
         "fingerprint": info.fingerprint,
     }
     assert sample("cbir_embedder_model_info", labels) == 1.0

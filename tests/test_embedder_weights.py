@@ -18,7 +18,7 @@ from PIL import Image, ImageDraw
 
 from cbir.errors import WeightsError
 from services.embedder import weights as weights_module
-from services.embedder.embedder import Embedder, model_info
+from services.embedder.embedder import Embedder, descriptor_name, model_info
 from services.embedder.model import build_vgg16
 from services.embedder.settings import EmbedderSettings
 from services.embedder.weights import (
@@ -256,8 +256,12 @@ def test_weights_file_round_trip(random_embedder, random_weights_file, tmp_path)
     # The same file elsewhere: same weights, so the same model fingerprint (the path is not part of it).
     copy = tmp_path / "copy.weights.h5"
     copy.write_bytes(random_weights_file.read_bytes())
-    moved = resolve_weights(EmbedderSettings(weights=str(copy), metrics_port=None))
-    assert model_info(feature="gem", weights=moved, gem_p=3.0).fingerprint == info.fingerprint
+    moved_settings = EmbedderSettings(weights=str(copy), metrics_port=None)
+    moved = resolve_weights(moved_settings)
+    # the default descriptor (resize=auto): its ModelInfo.pooling names the passes
+    pooling = descriptor_name(moved_settings, None)
+    assert pooling == info.pooling
+    assert model_info(feature="gem", weights=moved, gem_p=3.0, pooling_text=pooling).fingerprint == info.fingerprint
 
 
 def test_random_weights_are_seeded():

@@ -21,28 +21,38 @@ def photos(embedder, count: int = 4) -> np.ndarray:
     return np.stack([embedder.decode((DEMO_PHOTOS / name).read_bytes()) for name in E2E_PHOTOS[:count]])
 
 
-def test_onnx_gem_vectors_equal_keras_through_the_public_backend_choice(random_embedder):
+@pytest.fixture(scope="module")
+def squash_embedder():
+    """The gem model on the squashed 224 x 224 input, the one the ONNX export takes (resize=squash; the
+    default descriptor, squash+keep_aspect, runs on Keras only)."""
+    from services.embedder.embedder import Embedder
+    from services.embedder.settings import EmbedderSettings
+
+    return Embedder.from_settings(EmbedderSettings(weights="random", random_seed=7, resize="squash", metrics_port=None))
+
+
+def test_onnx_gem_vectors_equal_keras_through_the_public_backend_choice(squash_embedder):
     """compile_runner(model, "onnx") exports the gem model (caffe preprocessing, GeM, L2) and checks it; an embedder
     given that runner embeds through ONNX Runtime: on real photos and the check images every vector has cosine
     >= 0.9999 with Keras's; the model fingerprint does not change and the Keras embedder is untouched."""
-    pixels = np.concatenate([photos(random_embedder), onnx_backend.check_batch()])
-    expected = random_embedder.embed_pixels(pixels)
-    keras_runner = random_embedder.runner
+    pixels = np.concatenate([photos(squash_embedder), onnx_backend.check_batch()])
+    expected = squash_embedder.embed_pixels(pixels)
+    keras_runner = squash_embedder.runner
 
-    runner = compile_runner(random_embedder.model, "onnx")
-    embedder = random_embedder.with_runner(runner)
+    runner = compile_runner(squash_embedder.model, "onnx")
+    embedder = squash_embedder.with_runner(runner)
 
     assert isinstance(runner, onnx_backend.OnnxRunner) and embedder.runner is runner
     got = embedder.embed_pixels(pixels)
     assert got.shape == expected.shape == (len(pixels), 512) and got.dtype == np.float32
     assert onnx_backend.cosines(expected, got).min() >= MIN_COSINE
-    assert embedder.info.fingerprint == random_embedder.info.fingerprint
-    assert random_embedder.runner is keras_runner
+    assert embedder.info.fingerprint == squash_embedder.info.fingerprint
+    assert squash_embedder.runner is keras_runner
 
 
-def test_an_unknown_backend_is_refused(random_embedder):
+def test_an_unknown_backend_is_refused(squash_embedder):
     with pytest.raises(ValueError, match="keras, onnx"):
-        compile_runner(random_embedder.model, "tensorrt")
+        compile_runner(squash_embedder.model, "tensorrt")
 
 
 def test_onnx_torch_preprocessing_and_other_poolings_equal_keras():
@@ -64,14 +74,14 @@ def test_a_model_the_exporter_cannot_translate_is_refused_and_keras_kept():
         onnx_backend.export_onnx(model)
 
 
-def test_different_vectors_are_refused(random_embedder, monkeypatch):
+def test_different_vectors_are_refused(squash_embedder, monkeypatch):
     """The equivalence check can fail: an ONNX graph with other weights (a second random model) is refused with
     the lowest cosine in the message (no runner is returned, so nothing switches to it)."""
     other = feature_model(build_vgg16(include_top=False), feature="gem", preprocessing="caffe")
     real_export = onnx_backend.export_onnx
     monkeypatch.setattr(onnx_backend, "export_onnx", lambda model: real_export(other))
     with pytest.raises(RuntimeError, match="lowest cosine"):
-        compile_runner(random_embedder.model, "onnx")
+        compile_runner(squash_embedder.model, "onnx")
 
 
 @pytest.mark.slow

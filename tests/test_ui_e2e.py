@@ -42,12 +42,14 @@ def test_uploading_a_collection_photo_shows_it_first_and_clicking_a_hit_searches
         expect(page.locator("#k input[type=number]")).to_have_value(str(default_k))
         page.locator("#query input[type=file]").set_input_files(str(collection / "skimage-coffee.jpg"))
         first_caption = page.locator("#results .caption-label").first
-        expect(first_caption).to_have_text("#1 · 1.000 · skimage-coffee.jpg", timeout=WAIT_MS)
+        # the photo itself: score 1.000 and the match class "same image" (ui.handlers.caption)
+        expect(first_caption).to_have_text("#1 · 1.000 · same image · skimage-coffee.jpg", timeout=WAIT_MS)
         images = wait_images_loaded(page, min(default_k, len(E2E_PHOTOS)))
         assert "skimage-coffee.jpg" in images[0]["src"]
-        second = page.locator("#results .caption-label").nth(1).inner_text().split(" · ", 2)[2]
+        # the id is the caption's last part (a match class may come before it)
+        second = page.locator("#results .caption-label").nth(1).inner_text().rsplit(" · ", 1)[-1].strip()
         page.locator("#results button.thumbnail-item").nth(1).click()
-        expect(first_caption).to_have_text(f"#1 · 1.000 · {second}", timeout=WAIT_MS)
+        expect(first_caption).to_have_text(f"#1 · 1.000 · same image · {second}", timeout=WAIT_MS)
         expect(page.locator("#query-info")).to_contain_text(f"Results for item {second}")
         page.screenshot(path="/tmp/cbir-ui-e2e.png", full_page=True)
         assert "Traceback" not in page.locator("body").inner_text()

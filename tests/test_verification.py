@@ -4,6 +4,8 @@ whose global vector is deliberately only 5th nearest: verification must bring th
 
 from __future__ import annotations
 
+import dataclasses
+
 import io
 import json
 import math
@@ -29,6 +31,8 @@ PHOTOS = pathlib.Path(__file__).resolve().parent.parent / "demo" / "photos"
 DIM = 16
 FINGERPRINT = "fp-verification-test"
 ORIGINAL = "opencv-home.jpg"
+# Score thresholds that fit the cosines chosen below (the mechanism is tested, not the calibrated defaults).
+CLASSES = Verification(same_image_score=0.93, copy_score=0.88, similar_score=0.60)
 
 # (item id, photo whose local features the item stores or None for b"", cosine of its vector with the query)
 DECOYS = [  # the four global neighbours ahead of the original: unrelated photos (one without features)
@@ -134,7 +138,7 @@ def root(tmp_path_factory, rows) -> pathlib.Path:
 
 @pytest.fixture(scope="module")
 def index(root):
-    index = SearchIndex(open_bundle(root))
+    index = SearchIndex(open_bundle(root), verification=CLASSES)
     yield index
     index.close()
 
@@ -203,7 +207,7 @@ def test_count_inliers_reads_the_stored_features_by_annoy_id(index, query_local)
 
 def test_verification_top_zero_disables_it(root, query_vector, query_local):
     """Verification(top=0): local features are ignored, the answer is the global one."""
-    index = SearchIndex(open_bundle(root), verification=Verification(top=0))
+    index = SearchIndex(open_bundle(root), verification=dataclasses.replace(CLASSES, top=0))
     try:
         hits = index.query_vector(query_vector, k=8, local=[query_local])
         assert ids(hits) == GLOBAL_ORDER
@@ -217,7 +221,7 @@ def test_verification_top_zero_disables_it(root, query_vector, query_local):
 def test_only_the_top_candidates_are_verified(root, query_vector, query_local):
     """Verification(top=3): the original (5th) is not among the verified three, so it stays 5th unverified;
     the three verified decoys lose their "copy" class (0 inliers), the unverified 4th keeps it by score."""
-    index = SearchIndex(open_bundle(root), verification=Verification(top=3))
+    index = SearchIndex(open_bundle(root), verification=dataclasses.replace(CLASSES, top=3))
     try:
         hits = index.query_vector(query_vector, k=5, local=[query_local])
         assert ids(hits) == GLOBAL_ORDER[:5]
@@ -229,7 +233,7 @@ def test_only_the_top_candidates_are_verified(root, query_vector, query_local):
 
 def test_min_inliers_decides_what_moves(root, query_vector, query_local):
     """Verification(min_inliers=10**6): nothing is moved, but the original's inliers and "copy" class remain."""
-    index = SearchIndex(open_bundle(root), verification=Verification(min_inliers=10**6))
+    index = SearchIndex(open_bundle(root), verification=dataclasses.replace(CLASSES, min_inliers=10**6))
     try:
         hits = index.query_vector(query_vector, k=5, local=[query_local])
         assert ids(hits) == GLOBAL_ORDER[:5]
@@ -371,7 +375,7 @@ def test_a_bundle_without_local_features_round_trips_without_the_key(tmp_path, r
     assert "local_features" not in manifest
     assert not (version / "local_features.bin").exists() and not (version / "local_offsets.npy").exists()
     assert set(manifest["files"]) == {"index.ann", "items.sqlite", "features.npy"}
-    index = SearchIndex(open_bundle(root))
+    index = SearchIndex(open_bundle(root), verification=CLASSES)
     try:
         assert index.bundle.local is None and index.bundle.manifest.local_features == ""
         info = index.info()
@@ -400,7 +404,8 @@ def test_write_bundle_refuses_mismatched_local_features(tmp_path, rows):
 
 @pytest.fixture(scope="module")
 def stub(root):
-    server = IndexerServer(IndexerSettings(bundle=root, port=0, metrics_port=None, warm_up=False, max_k=100))
+    server = IndexerServer(IndexerSettings(bundle=root, port=0, metrics_port=None, warm_up=False, max_k=100,
+                                           same_image_score=0.93, copy_score=0.88, similar_score=0.60))
     server.start_serving()
     target = f"127.0.0.1:{server.port}"
     channel = grpc.insecure_channel(target)
@@ -477,7 +482,7 @@ def test_unreadable_stored_features_leave_that_item_unverified_and_the_query_ans
     that item is not verified (0 inliers, a warning logged), the others are."""
     broken = [(item_id, b"junk" if item_id == "decoy-1" else blob, cosine) for item_id, blob, cosine in rows]
     write(tmp_path / "broken", broken)
-    index = SearchIndex(open_bundle(tmp_path / "broken"))
+    index = SearchIndex(open_bundle(tmp_path / "broken"), verification=CLASSES)
     try:
         hits = index.query_vector(query_vector, k=6, local=[query_local])
         by_id = {hit.item_id: hit for hit in hits}
@@ -496,7 +501,7 @@ def test_local_features_of_another_kind_are_not_used(tmp_path, rows, query_vecto
     write_bundle(tmp_path / "other", ids=ids, urls=[f"u:{i}" for i in ids], vectors=vectors,
                  model=common_pb2.ModelInfo(name="vgg16", feature="gem", dimension=DIM, fingerprint=FINGERPRINT),
                  metric="angular", trees=10, local_features=[b"x"] * len(ids), local_features_kind="orb:1000@640")
-    index = SearchIndex(open_bundle(tmp_path / "other"))
+    index = SearchIndex(open_bundle(tmp_path / "other"), verification=CLASSES)
     try:
         assert index.info().verify_top == 0
         hits = index.query_vector(query_vector, k=6, local=[query_local])

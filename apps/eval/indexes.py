@@ -56,6 +56,7 @@ class BuiltIndex:
         self.bundle = open_bundle(root)  # checks the bundle as the indexer does
         self.index = SearchIndex(self.bundle, max_k=max(1000, len(ids)), verification=Verification(top=spec.verify_top))
         self.item_count = len(ids)
+        self.last_hits: list = []
         self.row_of = {item_id: row for row, item_id in enumerate(ids)}
         manifest = self.bundle.manifest
         self.index_bytes = manifest.files["index.ann"].bytes
@@ -64,10 +65,12 @@ class BuiltIndex:
     def search(self, vectors: np.ndarray, k: int, search_k: int = 0, keys: Sequence[str] | None = None
                ) -> tuple[list[list[str]], list[float]]:
         """Ranked item ids per query vector (through PCA, Annoy and, given the queries' `keys`, geometric
-        verification, as the indexer does) and seconds per query."""
+        verification, as the indexer does) and seconds per query; the hits themselves (score, inliers,
+        match class) stay in `last_hits`."""
         from cbir.local_features import from_bytes
 
         ranked, seconds = [], []
+        self.last_hits = []
         k = min(k, self.item_count)
         for i, vector in enumerate(vectors):
             blobs = self.local.get(keys[i], ()) if self.local is not None and keys is not None else ()
@@ -76,6 +79,7 @@ class BuiltIndex:
             hits = self.index.query_vector(vector, k=k, search_k=search_k, local=local)
             seconds.append(time.perf_counter() - started)
             ranked.append([hit.item_id for hit in hits])
+            self.last_hits.append(hits)
         return ranked, seconds
 
     def effective_search_k(self, k: int, search_k: int) -> int:

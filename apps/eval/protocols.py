@@ -231,7 +231,7 @@ def evaluate_groups(built: BuiltIndex, vectors: dict[str, np.ndarray], members: 
     ranked, seconds = search_queries(built, np.stack([vectors[key] for _, key in queries]), depth + 1, search_k,
                                      keys=[key for _, key in queries])
     rows = []
-    for (group, key), ranking in zip(queries, ranked):
+    for (group, key), ranking, hits in zip(queries, ranked, built.last_hits):
         rest = [item for item in ranking if item != key][:depth]
         mates = set(members[group]) - {key}
         rows.append({
@@ -241,6 +241,7 @@ def evaluate_groups(built: BuiltIndex, vectors: dict[str, np.ndarray], members: 
             "r10": metrics.recall_at(rest, mates, 10), "ns": metrics.ns_score(rest, mates),
             "first_rank": metrics.first_rank(rest, mates),
             "top1": rest[0] if rest else None, "top1_relevant": bool(rest) and rest[0] in mates,
+            "top": _top_hits(hits, key, mates),
         })
     result = groups_summary(rows) | {
         "ns": metrics.mean(r["ns"] for r in rows),
@@ -261,6 +262,16 @@ def evaluate_groups(built: BuiltIndex, vectors: dict[str, np.ndarray], members: 
                                for group, selected in by_group.items()}
         result["per_query"] = rows
     return result
+
+
+TOP_HITS = 20  # hits per query kept in the report with their score, inliers and match class (calibration)
+
+
+def _top_hits(hits, query: str, relevant: set[str], skip: set[str] = frozenset()) -> list[list]:
+    """[item id, score, inliers, match class, relevant] of the first TOP_HITS hits (the query itself and
+    ignored items left out): what the match-class thresholds are calibrated on."""
+    kept = [h for h in hits if h.item_id != query and h.item_id not in skip][:TOP_HITS]
+    return [[h.item_id, round(h.score, 5), h.inliers, h.match, h.item_id in relevant] for h in kept]
 
 
 def groups_summary(rows: list[dict]) -> dict:
@@ -297,7 +308,7 @@ def evaluate_copies(built: BuiltIndex, vectors: dict[str, np.ndarray], queries: 
     ranked, seconds = search_queries(built, np.stack([vectors[key] for key, _, _ in queries]), depth + most_ignored,
                                      search_k, keys=[key for key, _, _ in queries])
     rows = []
-    for (key, original, family), ranking in zip(queries, ranked):
+    for (key, original, family), ranking, hits in zip(queries, ranked, built.last_hits):
         skip = ignore.get(original, set()) - {original}
         kept = [item for item in ranking if item not in skip][:depth]
         rank = metrics.first_rank(kept, {original})
@@ -305,6 +316,7 @@ def evaluate_copies(built: BuiltIndex, vectors: dict[str, np.ndarray], queries: 
                      "ap": metrics.average_precision(kept, {original}),
                      "r1": float(rank == 1), "r10": float(rank is not None and rank <= 10),
                      "top1": kept[0] if kept else None, "top1_relevant": bool(kept) and kept[0] == original,
+                     "top": _top_hits(hits, key, {original}, skip),
                      "ignored": sum(1 for item in ranking[:len(kept) + len(skip)] if item in skip)})
     per_family: dict[str, list[dict]] = {}
     for row in rows:

@@ -55,7 +55,7 @@ class LocalEmbedding:
 class RemoteEmbedding:
     """The embedder service; several batches in flight reach every replica (round_robin)."""
 
-    def __init__(self, target: str, *, parallel_batches: int = 4, timeout_s: float = 120.0,
+    def __init__(self, target: str, *, parallel_batches: int = 4, timeout_s: float = 300.0,
                  tls: ClientTls | None = None, mirrored: bool = False):
         self.parallel_batches = parallel_batches
         self._mirrored = mirrored

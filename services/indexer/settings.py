@@ -42,10 +42,10 @@ class IndexerSettings(ServerSettings):
     verify_top: int = Field(100, ge=0, le=1000, description="candidates verified with local features per query "
                             "(when the bundle and the query have them); 0 = no verification")
     verify_min_inliers: int = Field(10, ge=1, description="inliers that move a candidate to the front")
-    same_image_score: float = Field(0.93, ge=0, le=1, description="score from which a hit is the same image")
+    same_image_score: float = Field(0.97, ge=0, le=1, description="score from which a hit is the same image")
     copy_inliers: int = Field(12, ge=1, description="inliers from which a verified hit is a copy")
-    copy_score: float = Field(0.88, ge=0, le=1, description="score from which an unverified hit is a copy")
-    similar_score: float = Field(0.60, ge=0, le=1, description="score from which a hit is similar")
+    copy_score: float = Field(0.95, ge=0, le=1, description="score from which an unverified hit is a copy")
+    similar_score: float = Field(0.85, ge=0, le=1, description="score from which a hit is similar")
 
     def verification(self) -> Verification:
         return Verification(top=self.verify_top, min_inliers=self.verify_min_inliers,

@@ -5,7 +5,9 @@ first (devbench copies: top-100 0.97, first 0.86). Verification matches the quer
 (`cbir.local_features`) against those of the first `top` candidates; candidates with at least
 `min_inliers` inliers move to the front, each part keeping the global order.
 
-Match classes (a claim to the user; thresholds measured on devbench, BENCHMARKS.md "Match classes"):
+Match classes (a claim to the user). The thresholds are those of the default descriptor (224+448
+GeM, not whitened), calibrated on the top-20 hits of the devbench evaluation (BENCHMARKS.md "Match
+classes"): another descriptor needs its own (`benchmarks/calibrate_matches.py`).
 - "same_image": score >= same_image_score (the same photo, resized, recompressed or mirrored);
 - "copy": inliers >= copy_inliers (a crop, rotation, overlay, screenshot ... of the photo), or
   score >= copy_score when the hit was not verified (no local features);
@@ -30,10 +32,16 @@ log = logging.getLogger(__name__)
 class Verification:
     top: int = 100  # candidates verified per query (0 = none)
     min_inliers: int = 10  # a candidate with this many goes to the front
-    same_image_score: float = 0.93
+    same_image_score: float = 0.97
     copy_inliers: int = 12
-    copy_score: float = 0.88
-    similar_score: float = 0.60
+    copy_score: float = 0.95
+    similar_score: float = 0.85
+
+    @property
+    def min_matches(self) -> int:
+        """Fewer keypoint matches than this can neither move a candidate nor make it a copy: RANSAC is
+        skipped for them (the same ranks and classes, fewer RANSAC runs)."""
+        return min(self.min_inliers, self.copy_inliers)
 
     def match_class(self, score: float, inliers: int, verified: bool) -> str:
         if score >= self.same_image_score:
@@ -58,7 +66,8 @@ def stored_features(store: LocalFeatureStore, annoy_id: int) -> LocalFeatures:
         return local_features.EMPTY
 
 
-def count_inliers(queries: Sequence[LocalFeatures], store: LocalFeatureStore, annoy_ids: Sequence[int]) -> list[int]:
-    """Inliers of each candidate (by Annoy id) against the best of `queries`."""
+def count_inliers(queries: Sequence[LocalFeatures], store: LocalFeatureStore, annoy_ids: Sequence[int],
+                  min_matches: int = local_features.MIN_MATCHES) -> list[int]:
+    """Inliers of each candidate (by Annoy id) against the best of `queries` (0 below `min_matches`)."""
     candidates = [stored_features(store, i) for i in annoy_ids]
-    return [int(n) for n in local_features.inliers(queries, candidates)]
+    return [int(n) for n in local_features.inliers(queries, candidates, min_matches)]
