@@ -93,7 +93,7 @@ def main() -> None:
                 hits = index.query_vector(q, k=args.k, search_k=search_k)
                 latencies.append(time.perf_counter() - t)
                 t = time.perf_counter()
-                bundle.index.get_nns_by_vector(p, args.k, search_k=effective, include_distances=True)
+                bundle.index.search(p, args.k, effective)
                 ann.append(time.perf_counter() - t)
                 got = {int(h.item_id[1:]) for h in hits}
                 recalls.append(len(got & set(truth.tolist())) / args.k)

@@ -106,7 +106,7 @@ def test_round_trip_returns_what_was_written(tmp_path, metric, pca_dimension, wh
         assert [r.annoy_id for r in records] == list(range(N))
         assert [r.metadata for r in records] == [{k: str(v) for k, v in (x or {}).items()} for x in metadata]
         for i in (0, 17, N - 1):
-            got, distances = b.index.get_nns_by_vector(b.project(vectors[i]), 3, include_distances=True)
+            got, distances = b.index.search(b.project(vectors[i]), 3)
             assert got[0] == i
             assert distances[0] == pytest.approx(0.0, abs=1e-3)
             assert distances == sorted(distances)

@@ -31,7 +31,9 @@ import time
 import numpy as np
 from tqdm import tqdm
 
-from cbir.bundle import open_bundle, read_deleted, write_bundle
+from cbir.bundle import InvalidBundleInput, open_bundle, read_deleted, write_bundle
+from cbir.bundle.ann import index_choice_problem
+from cbir.bundle.faiss_index import size_problem
 from cbir.errors import BadImage, BundleError
 from cbir.download import Downloader, FetchError, FetchLimits, UrlPolicy
 from apps.ingest import defaults
@@ -47,7 +49,9 @@ LOCK_FILE = ".build.lock"
 @dataclasses.dataclass
 class BuildOptions:
     metric: str = defaults.METRIC
-    trees: int = defaults.TREES
+    index_type: str = defaults.INDEX_TYPE  # annoy | hnsw | hnsw-sq8 | ivfpq
+    index_params: dict[str, int] = dataclasses.field(default_factory=dict)  # a faiss index's (write_bundle)
+    trees: int = defaults.TREES  # Annoy's
     pca_dimension: int = defaults.PCA_DIMENSION
     pca_whiten: bool = defaults.PCA_WHITEN
     batch_size: int = 32
@@ -157,11 +161,16 @@ def build_index(source, out: pathlib.Path, embedding, options: BuildOptions = Bu
 
 def _build(source, out: pathlib.Path, embedding, options: BuildOptions) -> BuildResult:
     started = time.perf_counter()
+    problem = index_choice_problem(options.index_type, options.metric)
+    if problem:
+        raise InvalidBundleInput(problem)
     listed = list_source(source)
     if not listed:
         raise SourceError(f"{source}: no images found")
     deleted = read_deleted(out) | frozenset(options.deleted)
     items = [item for item in listed if item.item_id not in deleted]
+    if not options.incremental and (problem := size_problem(options.index_type, len(items), options.index_params)):
+        raise InvalidBundleInput(problem)  # before embedding anything (write_bundle checks the final count)
     left_out = len(listed) - len(items)
     if left_out:
         log.info("leaving out %d items on the deletion list", left_out)
@@ -233,6 +242,8 @@ def _build(source, out: pathlib.Path, embedding, options: BuildOptions) -> Build
         model=embedding.info,
         metric=options.metric,
         trees=options.trees,
+        index_type=options.index_type,
+        index_params=options.index_params or None,
         pca_dimension=options.pca_dimension,
         pca_whiten=options.pca_whiten,
         source=str(source) + (f" (added to {base.version})" if base is not None else ""),

@@ -3,7 +3,7 @@
 `cbir index build-from-features SOURCE --out DIR` reads vectors someone already has and writes a
 bundle with `cbir.bundle.write_bundle`, exactly as `cbir index build` does after embedding:
 
-- re-index an existing bundle with other index settings (metric, trees, PCA) without embedding
+- re-index an existing bundle with other index settings (index type, metric, trees, PCA) without embedding
   a single image again: SOURCE is a bundle root or version folder (its `features.npy`, item
   table and model are reused);
 - features computed elsewhere (a batch job on a GPU host, another copy of the embedder):
@@ -272,6 +272,8 @@ def build_from_features(
     pca_dimension: int = 0,
     pca_whiten: bool = False,
     version: str | None = None,
+    index_type: str = "annoy",
+    index_params: dict[str, int] | None = None,
 ) -> FromFeaturesResult:
     """Write a new bundle version under `out` from stored features (see the module docstring)."""
     started = time.perf_counter()
@@ -302,6 +304,8 @@ def build_from_features(
         model=chosen,
         metric=metric,
         trees=trees,
+        index_type=index_type,
+        index_params=index_params or None,
         pca_dimension=pca_dimension,
         pca_whiten=pca_whiten,
         source=stored.source,

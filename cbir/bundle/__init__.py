@@ -1,11 +1,13 @@
 """The index bundle: what `cbir index build` writes and the indexer serves. A bundle root holds one
 folder per version, immutable once written (`manifest.json` describing it with every file's sha256,
-the Annoy index `index.ann`, the item table `items.sqlite`, the input vectors `features.npy`, and
+the index — Annoy's `index.ann`, or `index.faiss` for the faiss index types, behind one interface,
+`ann.AnnIndex` — the item table `items.sqlite`, the input vectors `features.npy`, and
 `pca.npz` when PCA is used, `local_features.bin` + `local_offsets.npy` when the items' local
 features are kept for geometric verification), a `current` file naming the live version, and the deletion list
 `deleted.txt`; see `layout` for the names, `writing` and `opening` for how a version is written and
 verified, `versions` for the root's bookkeeping. Everything other code uses is importable from here."""
 
+from cbir.bundle.ann import AnnIndex
 from cbir.bundle.annoy_index import ANNOY_SEED
 from cbir.bundle.files import touch_files
 from cbir.bundle.inputs import InvalidBundleInput
@@ -13,15 +15,18 @@ from cbir.bundle.items import ItemRecord
 from cbir.bundle.layout import (
     CURRENT_FILE,
     DELETED_FILE,
+    FAISS_INDEX_FILE,
     FEATURES_FILE,
     FORMAT_VERSION,
     INDEX_FILE,
+    INDEX_TYPES,
     ITEMS_FILE,
     LOCAL_FEATURES_FILE,
     LOCAL_OFFSETS_FILE,
     MANIFEST_FILE,
     METRICS,
     PCA_FILE,
+    index_file,
 )
 from cbir.bundle.manifest import FileEntry, Manifest, PcaSpec, model_to_dict
 from cbir.bundle.opened import Bundle
@@ -43,9 +48,11 @@ __all__ = [
     "CURRENT_FILE",
     "DEFAULT_K",
     "DELETED_FILE",
+    "FAISS_INDEX_FILE",
     "FEATURES_FILE",
     "FORMAT_VERSION",
     "INDEX_FILE",
+    "INDEX_TYPES",
     "ITEMS_FILE",
     "LOCAL_FEATURES_FILE",
     "LOCAL_OFFSETS_FILE",
@@ -53,6 +60,7 @@ __all__ = [
     "METRICS",
     "PCA_FILE",
     "SEARCH_K_FACTOR",
+    "AnnIndex",
     "Bundle",
     "FileEntry",
     "InvalidBundleInput",
@@ -62,6 +70,7 @@ __all__ = [
     "add_deleted",
     "default_search_k",
     "deleted_list_path",
+    "index_file",
     "list_versions",
     "model_to_dict",
     "open_bundle",

@@ -1,5 +1,6 @@
 """The Annoy file `index.ann`: built straight into the file with a fixed seed, and loaded read-only
-by mmap after a size check that catches a manifest whose metric or dimension does not fit it."""
+by mmap after a size check that catches a manifest whose metric or dimension does not fit it.
+`AnnoyBackend` serves it through the bundle's index interface (`cbir.bundle.ann.AnnIndex`)."""
 
 from __future__ import annotations
 
@@ -8,11 +9,16 @@ from pathlib import Path
 import numpy as np
 from annoy import AnnoyIndex
 
+from cbir.bundle.ann import Hits
 from cbir.bundle.layout import REBUILD
 from cbir.errors import BundleError
 
 # Annoy's seed: builds of the same vectors with the same number of threads give the same trees.
 ANNOY_SEED = 20261124
+_INT32_MAX = 2**31 - 1
+# Annoy cannot leave items out of a search. Up to this many hidden (deleted) items, a search asks for
+# n + hidden neighbours at once; beyond it, 2n first and twice as many again while too few are left.
+_MAX_OVERFETCH = 4096
 
 
 def write_annoy(path: Path, vectors: np.ndarray, metric: str, trees: int) -> None:
@@ -51,3 +57,75 @@ def load_annoy(path: Path, metric: str, dimension: int, *, prefault: bool) -> An
     except OSError as error:
         raise BundleError(f"Annoy cannot load {path}: {error}; {REBUILD}") from error
     return index
+
+
+class AnnoyBackend:
+    """An mmapped Annoy index behind the bundle's index interface (`cbir.bundle.ann.AnnIndex`).
+
+    effort = Annoy's search_k, the candidates it inspects; 0 = the bundle's default, which is at
+    least trees * n. Annoy queries release the GIL and may run concurrently on the read-only index.
+    """
+
+    index_type = "annoy"
+
+    def __init__(self, index: AnnoyIndex, trees: int, default_search_k: int):
+        self.annoy = index  # the AnnoyIndex itself, for tools that measure Annoy alone
+        self._trees = trees
+        self._default = default_search_k
+        self._count = index.get_n_items()
+        # Annoy may find more roots than trees were asked for in tiny indexes; a search that
+        # inspects roots * items candidates has visited every leaf of every tree.
+        self._exhaustive = min(max(trees, index.get_n_trees()) * self._count, _INT32_MAX)
+
+    @property
+    def count(self) -> int:
+        return self._count
+
+    def effort(self, n: int, requested: int) -> int:
+        """search_k: the bundle default (at least trees * n) for 0; everything when n >= items."""
+        if n >= self._count:
+            return self._exhaustive  # asked for every item: make sure Annoy visits them all
+        if requested == 0:
+            requested = max(self._default, self._trees * n)
+        return int(min(requested, self._exhaustive))
+
+    def search(self, vector: np.ndarray, n: int, effort: int = 0, hidden: frozenset[int] = frozenset()) -> Hits:
+        return self._nearest(
+            lambda m, sk: self.annoy.get_nns_by_vector(vector, m, search_k=sk, include_distances=True),
+            n, effort, hidden)
+
+    def search_by_item(self, item: int, n: int, effort: int = 0, hidden: frozenset[int] = frozenset(),
+                       exclude_self: bool = False) -> Hits:
+        if exclude_self:
+            hidden = hidden | {item}
+        return self._nearest(
+            lambda m, sk: self.annoy.get_nns_by_item(item, m, search_k=sk, include_distances=True),
+            n, effort, hidden)
+
+    def _nearest(self, fetch, n: int, effort: int, hidden: frozenset[int]) -> Hits:
+        """The n nearest (ids, distances) from `fetch(m, search_k)`, without the `hidden` ids: asks for
+        more neighbours than n (doubling while too few are left) since Annoy cannot skip them itself."""
+        total = self._count
+        if not hidden:
+            m = min(n, total)
+        elif len(hidden) <= _MAX_OVERFETCH:
+            m = min(n + len(hidden), total)
+        else:
+            m = min(2 * n, total)
+        while True:
+            ids, distances = fetch(m, self.effort(m, effort))
+            if hidden:
+                kept = [(i, d) for i, d in zip(ids, distances) if i not in hidden]
+                ids, distances = [i for i, _ in kept], [d for _, d in kept]
+            if len(ids) >= n or m >= total:
+                return ids[:n], distances[:n]
+            m = min(2 * m, total)
+
+    def item_vector(self, item: int) -> np.ndarray:
+        return np.asarray(self.annoy.get_item_vector(item), dtype=np.float32)
+
+    def holds(self, item: int, expected: np.ndarray) -> bool:
+        return bool(np.allclose(self.item_vector(item), expected, rtol=1e-4, atol=1e-5))
+
+    def close(self) -> None:
+        self.annoy.unload()

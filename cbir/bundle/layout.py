@@ -1,6 +1,6 @@
-"""The on-disk layout of a bundle: the names of its files, the format version, the metrics Annoy
-supports, the rule for version folder names, and the advice every "this bundle is unusable" error
-ends with."""
+"""The on-disk layout of a bundle: the names of its files, the format version, the metrics and index
+types a bundle may use, the rule for version folder names, and the advice every "this bundle is
+unusable" error ends with."""
 
 from __future__ import annotations
 
@@ -10,9 +10,17 @@ from typing import Literal, get_args
 FORMAT_VERSION = 1
 Metric = Literal["angular", "euclidean", "manhattan"]
 METRICS: tuple[str, ...] = get_args(Metric)
+# The index behind a bundle, chosen at build time and recorded in the manifest (`index_type`; a
+# manifest without it is an Annoy bundle): Annoy's trees, or a faiss index (cbir.bundle.faiss_index).
+IndexType = Literal["annoy", "hnsw", "hnsw-sq8", "ivfpq"]
+INDEX_TYPES: tuple[str, ...] = get_args(IndexType)
+FAISS_INDEX_TYPES: tuple[str, ...] = ("hnsw", "hnsw-sq8", "ivfpq")
+# The metrics faiss indexes serve: angular (inner product of L2-normalised vectors) and euclidean.
+FAISS_METRICS: tuple[str, ...] = ("angular", "euclidean")
 
 MANIFEST_FILE = "manifest.json"
-INDEX_FILE = "index.ann"
+INDEX_FILE = "index.ann"  # the Annoy index
+FAISS_INDEX_FILE = "index.faiss"  # the faiss index (faiss.write_index) of the other index types
 ITEMS_FILE = "items.sqlite"
 FEATURES_FILE = "features.npy"
 PCA_FILE = "pca.npz"
@@ -27,6 +35,11 @@ DELETED_FILE = "deleted.txt"
 REBUILD = "rebuild it with `cbir index build` (it writes a new version and points `current` at it)"
 
 _VERSION_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def index_file(index_type: str) -> str:
+    """The index file of a bundle of this index type."""
+    return INDEX_FILE if index_type == "annoy" else FAISS_INDEX_FILE
 
 
 def is_version_name(name: str) -> bool:

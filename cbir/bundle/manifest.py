@@ -10,11 +10,12 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
 
-from cbir.bundle.layout import FORMAT_VERSION, MANIFEST_FILE, REBUILD, Metric
+from cbir.bundle.layout import FORMAT_VERSION, MANIFEST_FILE, REBUILD, IndexType, Metric
 from cbir.errors import BundleError
 from cbir.v1 import common_pb2
 
 PositiveInt = Annotated[StrictInt, Field(ge=1)]
+NonNegativeInt = Annotated[StrictInt, Field(ge=0)]
 
 # Words for pydantic's error types, so that a person reads "an integer", not "int_type".
 _EXPECTED = {
@@ -56,8 +57,13 @@ class Manifest(BaseModel):
     input_dimension: PositiveInt
     index_dimension: PositiveInt
     metric: Metric
-    trees: PositiveInt
+    # Which index the bundle holds (absent from Annoy manifests, which stay as they were) and the
+    # parameters it was built with (cbir.bundle.faiss_index: m, ef_construction, nlist, pq_m, ...).
+    index_type: IndexType = "annoy"
+    index_params: dict[str, StrictInt] = Field(default_factory=dict)
+    trees: NonNegativeInt  # Annoy trees (>= 1); 0 for the faiss index types, which have none
     item_count: PositiveInt
+    # The default search effort (a request's search_k = 0): Annoy's search_k, HNSW's efSearch or IVF's nprobe.
     default_search_k: PositiveInt
     pca: PcaSpec | None = None
     source: StrictStr
@@ -75,8 +81,13 @@ class Manifest(BaseModel):
 
     def to_dict(self) -> dict[str, Any]:
         data = self.model_dump()
-        if not data["local_features"]:  # absent from manifests written before it existed: they stay identical
+        # Absent from manifests written before they existed: those read back and write out byte for byte.
+        if not data["local_features"]:
             del data["local_features"]
+        if data["index_type"] == "annoy":
+            del data["index_type"]
+        if not data["index_params"]:
+            del data["index_params"]
         return data
 
     def to_json(self) -> str:
@@ -103,9 +114,12 @@ def read_manifest(folder: Path) -> Manifest:
             f"use the cbir release that wrote it, or {REBUILD}"
         )
     try:
-        return Manifest.model_validate(data)
+        manifest = Manifest.model_validate(data)
     except ValidationError as error:
         raise BundleError(f"{path} is not a valid manifest: {describe_problem(error)}; {REBUILD}") from None
+    if manifest.index_type == "annoy" and manifest.trees < 1:
+        raise BundleError(f"{path} is not a valid manifest: field 'trees' must be >= 1, found {manifest.trees}; {REBUILD}")
+    return manifest
 
 
 def describe_problem(error: ValidationError) -> str:

@@ -1,5 +1,6 @@
-"""`Bundle`, one opened bundle version: its manifest, the mmapped Annoy index, the PCA, the item
-table and the input vectors, readable from many threads at once until it is closed."""
+"""`Bundle`, one opened bundle version: its manifest, the mmapped index (Annoy or faiss, behind
+`cbir.bundle.ann.AnnIndex`), the PCA, the item table and the input vectors, readable from many
+threads at once until it is closed."""
 
 from __future__ import annotations
 
@@ -8,10 +9,10 @@ from pathlib import Path
 from typing import Self
 
 import numpy as np
-from annoy import AnnoyIndex
 
+from cbir.bundle.ann import AnnIndex
 from cbir.bundle.items import ItemRecord, ItemTable
-from cbir.bundle.layout import FEATURES_FILE, ITEMS_FILE
+from cbir.bundle.layout import FEATURES_FILE, ITEMS_FILE, index_file
 from cbir.bundle.local_store import LocalFeatureStore
 from cbir.bundle.manifest import Manifest
 from cbir.bundle.versions import deleted_list_path
@@ -22,14 +23,15 @@ class Bundle:
     """One opened bundle version. Thread-safe for reads; `close()` only when no reader is left.
 
     - `manifest`: the typed `Manifest`;
-    - `index`: the `AnnoyIndex`, mmapped read-only (queries release the GIL and may run concurrently);
+    - `index`: the nearest-neighbour index (`cbir.bundle.ann.AnnIndex`: Annoy or faiss, as the manifest's
+      `index_type` says), mmapped read-only (queries release the GIL and may run concurrently);
     - `pca`: the fitted `cbir.pca.Pca`, or None;
     - item lookups (`items_by_annoy_ids`, `find_items`) through a read-only SQLite connection per thread;
     - `features()`: the input vectors, memory-mapped;
     - `local`: the items' local features for geometric verification (`LocalFeatureStore`), or None.
     """
 
-    def __init__(self, path: Path, root: Path | None, manifest: Manifest, index: AnnoyIndex, pca: Pca | None,
+    def __init__(self, path: Path, root: Path | None, manifest: Manifest, index: AnnIndex, pca: Pca | None,
                  local: LocalFeatureStore | None = None):
         self.path = path
         self.root = root
@@ -58,6 +60,15 @@ class Bundle:
     @property
     def model_fingerprint(self) -> str:
         return self.manifest.model_fingerprint
+
+    @property
+    def index_type(self) -> str:
+        return self.manifest.index_type
+
+    @property
+    def index_file(self) -> str:
+        """The name of the index file in the version folder (`index.ann` or `index.faiss`)."""
+        return index_file(self.manifest.index_type)
 
     @property
     def closed(self) -> bool:
@@ -101,7 +112,7 @@ class Bundle:
     def close(self) -> None:
         """Unmap the index and close the item table. No query may be running on it any more."""
         if self._items.close():
-            self.index.unload()
+            self.index.close()
             if self.local is not None:
                 self.local.close()
 

@@ -1,7 +1,7 @@
 """`open_bundle`: find the version folder, read its manifest, and verify the version before anyone
 serves it — the manifest's dimensions agree with its model and PCA, every listed file is there with
-its size and (optionally) its checksum, and the features, PCA, Annoy index and item table all hold
-what the manifest says."""
+its size and (optionally) its checksum, and the features, PCA, index (Annoy or faiss, as the
+manifest's `index_type` says) and item table all hold what the manifest says."""
 
 from __future__ import annotations
 
@@ -9,19 +9,20 @@ import sqlite3
 from pathlib import Path
 
 import numpy as np
-from annoy import AnnoyIndex
 
-from cbir.bundle.annoy_index import load_annoy
+from cbir.bundle.ann import AnnIndex, index_choice_problem
+from cbir.bundle.annoy_index import AnnoyBackend, load_annoy
+from cbir.bundle.faiss_index import load_faiss, missing_params
 from cbir.bundle.files import sha256_of
 from cbir.bundle.layout import (
     FEATURES_FILE,
-    INDEX_FILE,
     ITEMS_FILE,
     LOCAL_FEATURES_FILE,
     LOCAL_OFFSETS_FILE,
     MANIFEST_FILE,
     PCA_FILE,
     REBUILD,
+    index_file,
 )
 from cbir.bundle.local_store import LocalFeatureStore
 from cbir.bundle.manifest import Manifest, read_manifest
@@ -41,9 +42,10 @@ def open_bundle(
     recorded size; with `verify_checksums` (default) every file's sha256 — this reads the whole
     bundle once (about 1.4 GB/s per core when cached, disk speed otherwise: some 25 s for a
     1M x 4096 bundle of ~35 GB), which also warms the page cache; the features and PCA files have
-    the manifest's shapes; the Annoy file has the manifest's item count and dimension, and its
-    first and last stored vectors equal the (projected) features. `prefault` asks Annoy to read
-    the whole index into memory at load (MAP_POPULATE) instead of on first use.
+    the manifest's shapes; the index has the manifest's type, item count and dimension, and its
+    first and last stored vectors equal the (projected) features (within the quantisation of a
+    quantised faiss index). `prefault` asks Annoy to read the whole index into memory at load
+    (MAP_POPULATE) instead of on first use; a faiss index is mapped and paged in on first use.
     `version` opens that version of the bundle root `path` instead of the one `current` names.
     Any problem raises `BundleError` saying which file, what was expected and found, and what to do.
     """
@@ -56,10 +58,10 @@ def open_bundle(
     pca = load_pca(folder, manifest)
     features = _load_features(folder, manifest)
     local = LocalFeatureStore(folder, manifest.item_count) if manifest.local_features else None
-    index = load_annoy(folder / INDEX_FILE, manifest.metric, manifest.index_dimension, prefault=prefault)
+    index = _load_index(folder, manifest, features, pca, prefault)
     bundle = Bundle(folder, root, manifest, index, pca, local)
     try:
-        _check_index_matches_features(folder / INDEX_FILE, manifest, index, features, pca)
+        _check_index_matches_features(folder / index_file(manifest.index_type), manifest, index, features, pca)
         _check_item_count(folder / ITEMS_FILE, manifest, bundle)
     except BaseException:
         bundle.close()
@@ -84,7 +86,14 @@ def _check_dimensions(path: Path, manifest: Manifest) -> None:
             f"{path}: index_dimension {manifest.index_dimension} does not match "
             f"{'pca.dimension' if manifest.pca else 'input_dimension'} {expected_index_dim}; {REBUILD}"
         )
-    required = [INDEX_FILE, ITEMS_FILE, FEATURES_FILE] + ([PCA_FILE] if manifest.pca else [])
+    problem = index_choice_problem(manifest.index_type, manifest.metric)
+    if problem:
+        raise BundleError(f"{path}: {problem}; {REBUILD}")
+    if manifest.index_type != "annoy" and (missing := missing_params(manifest.index_type, manifest.index_params)):
+        raise BundleError(
+            f"{path}: index_params lacks {', '.join(missing)}, which a {manifest.index_type} index records; {REBUILD}"
+        )
+    required = [index_file(manifest.index_type), ITEMS_FILE, FEATURES_FILE] + ([PCA_FILE] if manifest.pca else [])
     required += [LOCAL_FEATURES_FILE, LOCAL_OFFSETS_FILE] if manifest.local_features else []
     missing = [name for name in required if name not in manifest.files]
     if missing:
@@ -133,20 +142,36 @@ def _load_features(folder: Path, manifest: Manifest) -> np.ndarray:
     return features
 
 
+def _load_index(folder: Path, manifest: Manifest, features: np.ndarray, pca: Pca | None, prefault: bool) -> AnnIndex:
+    """The index backend the manifest names, opened from its file (mmapped)."""
+    path = folder / index_file(manifest.index_type)
+    if manifest.index_type == "annoy":
+        annoy = load_annoy(path, manifest.metric, manifest.index_dimension, prefault=prefault)
+        return AnnoyBackend(annoy, manifest.trees, manifest.default_search_k)
+
+    def reference(ids: np.ndarray) -> np.ndarray:
+        """The exact index vectors of these items, for the re-rank of a quantised index."""
+        rows = np.asarray(features[np.asarray(ids, dtype=np.int64)], dtype=np.float32)
+        return pca.transform(rows) if pca is not None else rows
+
+    return load_faiss(path, index_type=manifest.index_type, metric=manifest.metric,
+                      dimension=manifest.index_dimension, params=manifest.index_params,
+                      default_effort=manifest.default_search_k, reference=reference)
+
+
 def _check_index_matches_features(
-    path: Path, manifest: Manifest, index: AnnoyIndex, features: np.ndarray, pca: Pca | None
+    path: Path, manifest: Manifest, index: AnnIndex, features: np.ndarray, pca: Pca | None
 ) -> None:
     """The index holds the manifest's item count, and its first and last vectors are the (projected)
     features: otherwise Annoy id i would not be item i."""
-    if index.get_n_items() != manifest.item_count:
+    if index.count != manifest.item_count:
         raise BundleError(
-            f"{path} holds {index.get_n_items()} items but the manifest says {manifest.item_count}: "
+            f"{path} holds {index.count} items but the manifest says {manifest.item_count}: "
             f"the index does not belong to this manifest (or its dimension/metric differ); {REBUILD}"
         )
     for i in sorted({0, manifest.item_count - 1}):
         expected = pca.transform(features[i]) if pca is not None else np.asarray(features[i])
-        stored = np.asarray(index.get_item_vector(i), dtype=np.float32)
-        if not np.allclose(stored, expected, rtol=1e-4, atol=1e-5):
+        if not index.holds(i, expected):
             raise BundleError(
                 f"{path}: the vector stored for Annoy id {i} differs from row {i} of {FEATURES_FILE}"
                 f"{' after PCA' if pca is not None else ''}: the index was built with another dimension or from "

@@ -15,12 +15,15 @@ from typing import Any
 
 import numpy as np
 
+from cbir.bundle import faiss_index
+from cbir.bundle.ann import index_choice_problem
 from cbir.bundle.annoy_index import write_annoy
 from cbir.bundle.files import fsync_path, sha256_of
 from cbir.bundle.inputs import BundleInputs, InvalidBundleInput, validate_inputs
 from cbir.bundle.items import write_items
 from cbir.bundle.local_store import write_local_features
 from cbir.bundle.layout import (
+    FAISS_INDEX_FILE,
     FEATURES_FILE,
     FORMAT_VERSION,
     INDEX_FILE,
@@ -28,6 +31,7 @@ from cbir.bundle.layout import (
     LOCAL_FEATURES_FILE,
     LOCAL_OFFSETS_FILE,
     MANIFEST_FILE,
+    METRICS,
     PCA_FILE,
     is_version_name,
 )
@@ -61,6 +65,8 @@ def write_bundle(
     make_current: bool = True,
     local_features: Sequence[bytes] | None = None,
     local_features_kind: str = "",
+    index_type: str = "annoy",
+    index_params: Mapping[str, int] | None = None,
 ) -> Path:
     """Write a new bundle version under `root` and (by default) point `root/current` at it.
 
@@ -71,11 +77,25 @@ def write_bundle(
     time (`20261124T120501Z`, with `-01`, `-02`, ... when taken); an explicit version must be new.
     `local_features` (one `cbir.local_features` bytes object per row, b"" for none) are stored for
     geometric verification, described by `local_features_kind` (e.g. "rootsift:500@512").
+    `index_type` chooses the index: "annoy" (`trees` trees, `index.ann`), or a faiss index in
+    `index.faiss` — "hnsw", "hnsw-sq8", "ivfpq" (angular or euclidean only; see
+    `cbir.bundle.faiss_index` for them and for the `index_params` each takes, e.g.
+    {"m": 16, "ef_search": 64}; the default effort, ef_search or nprobe, becomes default_search_k).
     Returns the version folder. Raises `InvalidBundleInput` (a `BundleError` and a `ValueError`)
     for bad arguments; on any failure nothing is left behind under a version name.
     """
+    problem = index_choice_problem(index_type, metric)
+    if problem and metric in METRICS:  # an unknown metric is validate_inputs' to name
+        raise InvalidBundleInput(problem)
     inputs = validate_inputs(ids, urls, vectors, model, metric, trees, pca_dimension, metadata)
     trees, pca_dimension = int(trees), int(pca_dimension)
+    index_dimension = pca_dimension or inputs.dimension
+    if index_type == "annoy":
+        if index_params:
+            raise InvalidBundleInput(f"index_params {dict(index_params)!r} do not apply to the annoy index (it takes trees)")
+        params, default_effort = {}, default_search_k(trees, len(inputs.ids))
+    else:
+        params, default_effort = faiss_index.plan(index_type, len(inputs.ids), index_dimension, index_params)
     if local_features is not None and (len(local_features) != len(inputs.ids) or not local_features_kind):
         raise InvalidBundleInput(f"{len(local_features)} local features for {len(inputs.ids)} items (one per item, "
                                  "with local_features_kind naming them)")
@@ -84,14 +104,15 @@ def write_bundle(
     root.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=".building-", dir=root))
     try:
-        pca = _write_data_files(scratch, inputs, metric, trees, pca_dimension, bool(pca_whiten))
+        pca = _write_data_files(scratch, inputs, metric, trees, pca_dimension, bool(pca_whiten), index_type, params)
         if local_features is not None:
             write_local_features(scratch, local_features)
         unnamed = Manifest(
             format_version=FORMAT_VERSION, name=root.resolve().name, version="", created_at="",
             model=model_to_dict(model), input_dimension=inputs.dimension,
-            index_dimension=pca_dimension or inputs.dimension, metric=metric, trees=trees,
-            item_count=len(inputs.ids), default_search_k=default_search_k(trees, len(inputs.ids)),
+            index_dimension=index_dimension, metric=metric, index_type=index_type, index_params=params,
+            trees=trees if index_type == "annoy" else 0,
+            item_count=len(inputs.ids), default_search_k=default_effort,
             pca=None if pca is None else PcaSpec(dimension=pca.dimension, whiten=pca.whiten),
             source=source, local_features=local_features_kind if local_features is not None else "",
             files=_file_entries(scratch),
@@ -100,7 +121,8 @@ def write_bundle(
     finally:
         if scratch.exists():
             shutil.rmtree(scratch, ignore_errors=True)
-    log.info("wrote bundle %s (%d items, %s, %d trees)", final, len(inputs.ids), metric, trees)
+    log.info("wrote bundle %s (%d items, %s, %s)", final, len(inputs.ids), metric,
+             f"{trees} trees" if index_type == "annoy" else f"{index_type} {params}")
     if make_current:
         set_current(root, final.name)
     return final
@@ -118,9 +140,10 @@ def _check_new_version(root: Path, version: str | None) -> None:
 
 
 def _write_data_files(
-    scratch: Path, inputs: BundleInputs, metric: str, trees: int, pca_dimension: int, pca_whiten: bool
+    scratch: Path, inputs: BundleInputs, metric: str, trees: int, pca_dimension: int, pca_whiten: bool,
+    index_type: str, params: Mapping[str, int],
 ) -> Pca | None:
-    """Features, PCA (when asked), item table and Annoy index into the scratch folder."""
+    """Features, PCA (when asked), item table and index (Annoy or faiss) into the scratch folder."""
     np.save(scratch / FEATURES_FILE, inputs.vectors)
     index_vectors = inputs.vectors
     pca = None
@@ -128,14 +151,18 @@ def _write_data_files(
         pca = fit_and_save_pca(inputs.vectors, pca_dimension, pca_whiten, scratch)
         index_vectors = pca.transform(inputs.vectors)
     write_items(scratch / ITEMS_FILE, inputs.ids, inputs.urls, inputs.metadata_rows)
-    write_annoy(scratch / INDEX_FILE, index_vectors, metric, trees)
+    if index_type == "annoy":
+        write_annoy(scratch / INDEX_FILE, index_vectors, metric, trees)
+    else:
+        faiss_index.write_faiss(scratch / FAISS_INDEX_FILE, index_vectors, metric, index_type, params)
     return pca
 
 
 def _file_entries(scratch: Path) -> dict[str, FileEntry]:
     """Size and sha256 of each data file, each fsynced first."""
     files = {}
-    for name in (INDEX_FILE, ITEMS_FILE, FEATURES_FILE, PCA_FILE, LOCAL_FEATURES_FILE, LOCAL_OFFSETS_FILE):
+    for name in (INDEX_FILE, FAISS_INDEX_FILE, ITEMS_FILE, FEATURES_FILE, PCA_FILE, LOCAL_FEATURES_FILE,
+                 LOCAL_OFFSETS_FILE):
         path = scratch / name
         if path.exists():
             fsync_path(path)

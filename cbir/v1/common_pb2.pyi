@@ -79,7 +79,7 @@ class Hit(_message.Message):
     def __init__(self, item_id: _Optional[str] = ..., url: _Optional[str] = ..., distance: _Optional[float] = ..., score: _Optional[float] = ..., metadata: _Optional[_Mapping[str, str]] = ..., inliers: _Optional[int] = ..., match: _Optional[str] = ...) -> None: ...
 
 class IndexInfo(_message.Message):
-    __slots__ = ("item_count", "dimension", "input_dimension", "metric", "trees", "model_fingerprint", "model", "bundle_version", "bundle_path", "created_at", "pca_dimension", "pca_whiten", "default_search_k", "local_features", "verify_top")
+    __slots__ = ("item_count", "dimension", "input_dimension", "metric", "trees", "model_fingerprint", "model", "bundle_version", "bundle_path", "created_at", "pca_dimension", "pca_whiten", "default_search_k", "local_features", "verify_top", "index_type")
     ITEM_COUNT_FIELD_NUMBER: _ClassVar[int]
     DIMENSION_FIELD_NUMBER: _ClassVar[int]
     INPUT_DIMENSION_FIELD_NUMBER: _ClassVar[int]
@@ -95,6 +95,7 @@ class IndexInfo(_message.Message):
     DEFAULT_SEARCH_K_FIELD_NUMBER: _ClassVar[int]
     LOCAL_FEATURES_FIELD_NUMBER: _ClassVar[int]
     VERIFY_TOP_FIELD_NUMBER: _ClassVar[int]
+    INDEX_TYPE_FIELD_NUMBER: _ClassVar[int]
     item_count: int
     dimension: int
     input_dimension: int
@@ -110,4 +111,5 @@ class IndexInfo(_message.Message):
     default_search_k: int
     local_features: str
     verify_top: int
-    def __init__(self, item_count: _Optional[int] = ..., dimension: _Optional[int] = ..., input_dimension: _Optional[int] = ..., metric: _Optional[str] = ..., trees: _Optional[int] = ..., model_fingerprint: _Optional[str] = ..., model: _Optional[_Union[ModelInfo, _Mapping]] = ..., bundle_version: _Optional[str] = ..., bundle_path: _Optional[str] = ..., created_at: _Optional[str] = ..., pca_dimension: _Optional[int] = ..., pca_whiten: _Optional[bool] = ..., default_search_k: _Optional[int] = ..., local_features: _Optional[str] = ..., verify_top: _Optional[int] = ...) -> None: ...
+    index_type: str
+    def __init__(self, item_count: _Optional[int] = ..., dimension: _Optional[int] = ..., input_dimension: _Optional[int] = ..., metric: _Optional[str] = ..., trees: _Optional[int] = ..., model_fingerprint: _Optional[str] = ..., model: _Optional[_Union[ModelInfo, _Mapping]] = ..., bundle_version: _Optional[str] = ..., bundle_path: _Optional[str] = ..., created_at: _Optional[str] = ..., pca_dimension: _Optional[int] = ..., pca_whiten: _Optional[bool] = ..., default_search_k: _Optional[int] = ..., local_features: _Optional[str] = ..., verify_top: _Optional[int] = ..., index_type: _Optional[str] = ...) -> None: ...

@@ -2,16 +2,20 @@
 
 `SearchIndex` answers the indexer's questions (nearest items to a vector or to an indexed item,
 items by id, what is served) on plain Python/NumPy values; the gRPC servicer only translates.
-Annoy queries release the GIL and are safe to run concurrently on a read-only index; item
-lookups use one read-only SQLite connection per thread (`cbir.bundle.Bundle`).
+The nearest-neighbour index is the bundle's backend (`cbir.bundle.ann.AnnIndex`: Annoy, or faiss
+HNSW / IVF-PQ, as the bundle was built); its queries release the GIL and are safe to run
+concurrently on a read-only index; a request's `search_k` is the backend's effort (Annoy's
+search_k, HNSW's efSearch, IVF's nprobe). Item lookups use one read-only SQLite connection per
+thread (`cbir.bundle.Bundle`).
 
 With local features (the query's, and the bundle's of every item), the best `Verification.top`
 candidates are verified geometrically and re-ranked (`verification`), and each hit gets its inlier
 count and match class; `min_score` leaves out weaker hits.
 
-Deleted items (the bundle root's deletion list, `set_deleted`) are left out of every answer: a
-query asks Annoy for as many more neighbours as there are deleted items in the bundle (doubling
-when that is not enough), so it still returns k hits when the bundle has them.
+Deleted items (the bundle root's deletion list, `set_deleted`) are left out of every answer, and a
+query still returns k hits when the bundle has them: Annoy is asked for as many more neighbours as
+there are deleted items (doubling when that is not enough); faiss leaves them out inside the
+search (an IDSelector).
 
 `IndexHolder` is the single place that holds the served `SearchIndex`. Requests `lease()` it for
 their duration; `swap()` installs another one (a hot reload), after which the old one can be
@@ -36,18 +40,14 @@ from cbir.v1 import common_pb2
 from services.indexer.verification import Verification, count_inliers, stored_features
 
 SERVICE = "indexer"
-_INT32_MAX = 2**31 - 1
 _MAX_IDS_SHOWN = 5
-# Up to this many deleted items in a bundle, one query asks for k + deleted neighbours at once;
-# beyond it, 2k first and twice as many again while too few are left.
-_MAX_OVERFETCH = 4096
 
 
 @dataclass(frozen=True)
 class SearchHit:
     item_id: str
     url: str
-    distance: float  # Annoy's, in the bundle's metric (after PCA, if any)
+    distance: float  # in Annoy's convention, in the bundle's metric (after PCA, if any), whatever the backend
     score: float  # similarity in [0, 1], 1 = identical
     metadata: dict[str, str] = field(default_factory=dict)
     inliers: int = 0  # geometric verification: keypoint matches one model explains (0 = none, or not verified)
@@ -55,7 +55,7 @@ class SearchHit:
 
 
 def score(metric: str, distance: float) -> float:
-    """Similarity in [0, 1] from an Annoy distance.
+    """Similarity in [0, 1] from a distance in Annoy's convention (every backend reports those).
 
     angular: Annoy's distance is sqrt(2 - 2 cos), so the cosine is 1 - d^2 / 2 (clipped to [0, 1]:
     opposite directions score 0); euclidean and manhattan: 1 / (1 + d).
@@ -72,11 +72,6 @@ class SearchIndex:
         self.bundle = bundle
         self.max_k = max_k
         self.verification = verification
-        manifest = bundle.manifest
-        # Annoy may find more roots than trees were asked for in tiny indexes; a search that
-        # inspects roots * items candidates has visited every leaf of every tree.
-        roots = max(manifest.trees, bundle.index.get_n_trees())
-        self._exhaustive_search_k = min(roots * manifest.item_count, _INT32_MAX)
         self._users = 0
         self._closing = False
         self._idle = threading.Condition()
@@ -113,7 +108,7 @@ class SearchIndex:
         k = min(10, count)
         done = 0
         for annoy_id in range(0, count, step)[:queries]:
-            ids = self.bundle.index.get_nns_by_item(annoy_id, k, search_k=self._search_k(k, 0))
+            ids, _ = self.bundle.index.search_by_item(annoy_id, k)
             self.bundle.items_by_annoy_ids(ids)
             done += 1
         return done
@@ -142,6 +137,7 @@ class SearchIndex:
             dimension=m.index_dimension,
             input_dimension=m.input_dimension,
             metric=m.metric,
+            index_type=m.index_type,
             trees=m.trees,
             model_fingerprint=m.model_fingerprint,
             model=m.model_info(),
@@ -176,16 +172,13 @@ class SearchIndex:
             raise InvalidRequest(f"min_score must be between 0 and 1 (scores are similarities), got {min_score}")
 
     def _search_k(self, k: int, search_k: int) -> int:
-        """Annoy's search_k: the bundle default (at least trees * k) for 0; everything when k >= items."""
+        """The effort a search for k spends (the backend's: Annoy's search_k, efSearch, nprobe): the bundle
+        default for 0; everything when k >= items. InvalidRequest for a negative search_k."""
         if search_k < 0:
             raise InvalidRequest(
                 f"search_k must be >= 0 (0 = the bundle's default, {self.bundle.manifest.default_search_k}), got {search_k}"
             )
-        if k >= self.item_count:
-            return self._exhaustive_search_k  # asked for every item: make sure Annoy visits them all
-        if search_k == 0:
-            search_k = max(self.bundle.manifest.default_search_k, self.bundle.manifest.trees * k)
-        return int(min(search_k, self._exhaustive_search_k))
+        return self.bundle.index.effort(k, search_k)
 
     # -- queries
     def query_vector(
@@ -205,10 +198,8 @@ class SearchIndex:
         if self.bundle.pca is not None:
             with metrics.stage(SERVICE, "pca"):
                 array = self.bundle.pca.transform(array)
-        ids, distances = self._nearest(
-            lambda n, sk: self.bundle.index.get_nns_by_vector(array, n, search_k=sk, include_distances=True),
-            self._candidates(k, local), search_k, self._hidden,
-        )
+        with metrics.stage(SERVICE, "ann_query"):
+            ids, distances = self.bundle.index.search(array, self._candidates(k, local), search_k, self._hidden)
         return self._hits(ids, distances, k, local, min_score)
 
     @property
@@ -222,25 +213,6 @@ class SearchIndex:
     def _candidates(self, k: int, local: Sequence[LocalFeatures]) -> int:
         """Neighbours to fetch: k, or the verified top when that is more."""
         return max(k, self.verification.top) if self._verifies(local) else k
-
-    def _nearest(self, fetch, k: int, search_k: int, hidden: frozenset[int]) -> tuple[list[int], list[float]]:
-        """The k nearest (ids, distances) from `fetch(n, search_k)`, without the `hidden` Annoy ids."""
-        total = self.item_count
-        if not hidden:
-            n = min(k, total)
-        elif len(hidden) <= _MAX_OVERFETCH:
-            n = min(k + len(hidden), total)
-        else:
-            n = min(2 * k, total)
-        while True:
-            with metrics.stage(SERVICE, "ann_query"):
-                ids, distances = fetch(n, self._search_k(n, search_k))
-            if hidden:
-                kept = [(i, d) for i, d in zip(ids, distances) if i not in hidden]
-                ids, distances = [i for i, _ in kept], [d for _, d in kept]
-            if len(ids) >= k or n >= total:
-                return ids[:k], distances[:k]
-            n = min(2 * n, total)
 
     def query_item(
         self, item_id: str, *, k: int, search_k: int = 0, exclude_self: bool = False, min_score: float = 0.0
@@ -257,13 +229,10 @@ class SearchIndex:
             why = "was deleted (it is on the deletion list)" if record is not None else "is not"
             raise NotFound(f"item {item_id!r} {why} in index bundle {self.version}")
         self._search_k(k, search_k)  # refuses a negative search_k
-        if exclude_self:
-            hidden = hidden | {record.annoy_id}
         local = [stored_features(self.bundle.local, record.annoy_id)] if self._has_local_features else []
-        ids, distances = self._nearest(
-            lambda n, sk: self.bundle.index.get_nns_by_item(record.annoy_id, n, search_k=sk, include_distances=True),
-            self._candidates(k, local), search_k, hidden,
-        )
+        with metrics.stage(SERVICE, "ann_query"):
+            ids, distances = self.bundle.index.search_by_item(
+                record.annoy_id, self._candidates(k, local), search_k, hidden, exclude_self=exclude_self)
         return self._hits(ids, distances, k, local, min_score)
 
     def _hits(self, ids: Sequence[int], distances: Sequence[float], k: int, local: Sequence[LocalFeatures] = (),
@@ -275,7 +244,7 @@ class SearchIndex:
         if self._verifies(local):
             verified = min(len(ids), self.verification.top)
             with metrics.stage(SERVICE, "verify"):
-                counts = count_inliers(local, self.bundle.local, ids[:verified])
+                counts = count_inliers(local, self.bundle.local, ids[:verified], self.verification.min_matches)
             order = rerank(counts, self.verification.min_inliers) + list(range(verified, len(ids)))
             ids, distances = [ids[i] for i in order], [distances[i] for i in order]
             inliers = [counts[i] if i < verified else 0 for i in order]

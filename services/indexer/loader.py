@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Callable
 
 from cbir.bundle import CURRENT_FILE, MANIFEST_FILE, Bundle, open_bundle, read_current, read_deleted, touch_files
-from cbir.bundle import INDEX_FILE, ITEMS_FILE, PCA_FILE
+from cbir.bundle import ITEMS_FILE, PCA_FILE
 from cbir.errors import BundleError, Incompatible
 
 from . import metrics as indexer_metrics
@@ -311,7 +311,7 @@ class BundleLoader:
         if not self.settings.warm_up:
             return ""
         start = time.perf_counter()
-        names = [INDEX_FILE, ITEMS_FILE] + ([PCA_FILE] if index.bundle.pca is not None else [])
+        names = [index.bundle.index_file, ITEMS_FILE] + ([PCA_FILE] if index.bundle.pca is not None else [])
         touched = touch_files(index.bundle.path, names)
         queries = index.warm_up(self.settings.warm_up_queries)
         seconds = time.perf_counter() - start
@@ -321,11 +321,12 @@ class BundleLoader:
     def _log_served(self, bundle: Bundle, index: SearchIndex, seconds: float, warm: str, previous) -> None:
         manifest = bundle.manifest
         log.info(
-            "serving index bundle %s from %s: %d items%s, %s, %d-d%s, %d trees, model %s (opened in %.2fs%s%s)%s",
+            "serving index bundle %s from %s: %d items%s, %s, %d-d%s, %s, model %s (opened in %.2fs%s%s)%s",
             manifest.version, bundle.path, manifest.item_count,
             f" ({index.deleted_count} deleted)" if index.deleted_count else "", manifest.metric,
             manifest.index_dimension, f" (PCA from {manifest.input_dimension})" if manifest.pca else "",
-            manifest.trees, manifest.model_fingerprint, seconds,
+            f"{manifest.trees} trees" if manifest.index_type == "annoy" else f"{manifest.index_type} index",
+            manifest.model_fingerprint, seconds,
             ", checksums verified" if self.settings.verify_checksums else "", warm,
             f"; replaces {previous.version}" if previous is not None else "",
         )

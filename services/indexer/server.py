@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+from cbir.bundle.faiss_index import set_query_threads
 from cbir.grpc_server import ServiceServer
 from cbir.v1 import indexer_pb2_grpc
 
@@ -54,5 +55,10 @@ class IndexerServer(ServiceServer):
 
 
 def serve(settings: IndexerSettings) -> int:
-    """Run the indexer until SIGTERM/SIGINT (what `python -m services.indexer` and the CLI call)."""
+    """Run the indexer until SIGTERM/SIGINT (what `python -m services.indexer` and the CLI call).
+
+    A faiss query runs on the gRPC thread that asked it, alone: requests are concurrent through the
+    server's threads, and an OpenMP team per query would only oversubscribe the cores.
+    """
+    set_query_threads(1)
     return IndexerServer(settings).run()
