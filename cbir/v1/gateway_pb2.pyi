@@ -128,3 +128,47 @@ class GetStatusResponse(_message.Message):
     default_k: int
     max_k: int
     def __init__(self, upstreams: _Optional[_Iterable[_Union[UpstreamStatus, _Mapping]]] = ..., model: _Optional[_Union[_common_pb2.ModelInfo, _Mapping]] = ..., index: _Optional[_Union[_common_pb2.IndexInfo, _Mapping]] = ..., compatible: _Optional[bool] = ..., detail: _Optional[str] = ..., default_k: _Optional[int] = ..., max_k: _Optional[int] = ...) -> None: ...
+
+class BatchQuery(_message.Message):
+    __slots__ = ("image", "url", "item_id")
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    URL_FIELD_NUMBER: _ClassVar[int]
+    ITEM_ID_FIELD_NUMBER: _ClassVar[int]
+    image: bytes
+    url: str
+    item_id: str
+    def __init__(self, image: _Optional[bytes] = ..., url: _Optional[str] = ..., item_id: _Optional[str] = ...) -> None: ...
+
+class SearchBatchRequest(_message.Message):
+    __slots__ = ("queries", "k", "search_k", "min_score", "exclude_self")
+    QUERIES_FIELD_NUMBER: _ClassVar[int]
+    K_FIELD_NUMBER: _ClassVar[int]
+    SEARCH_K_FIELD_NUMBER: _ClassVar[int]
+    MIN_SCORE_FIELD_NUMBER: _ClassVar[int]
+    EXCLUDE_SELF_FIELD_NUMBER: _ClassVar[int]
+    queries: _containers.RepeatedCompositeFieldContainer[BatchQuery]
+    k: int
+    search_k: int
+    min_score: float
+    exclude_self: bool
+    def __init__(self, queries: _Optional[_Iterable[_Union[BatchQuery, _Mapping]]] = ..., k: _Optional[int] = ..., search_k: _Optional[int] = ..., min_score: _Optional[float] = ..., exclude_self: _Optional[bool] = ...) -> None: ...
+
+class BatchResult(_message.Message):
+    __slots__ = ("hits", "error", "code")
+    HITS_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    hits: _containers.RepeatedCompositeFieldContainer[_common_pb2.Hit]
+    error: str
+    code: str
+    def __init__(self, hits: _Optional[_Iterable[_Union[_common_pb2.Hit, _Mapping]]] = ..., error: _Optional[str] = ..., code: _Optional[str] = ...) -> None: ...
+
+class SearchBatchResponse(_message.Message):
+    __slots__ = ("results", "bundle_version", "timings")
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    BUNDLE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    TIMINGS_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[BatchResult]
+    bundle_version: str
+    timings: Timings
+    def __init__(self, results: _Optional[_Iterable[_Union[BatchResult, _Mapping]]] = ..., bundle_version: _Optional[str] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ...) -> None: ...

@@ -55,6 +55,11 @@ class GatewayStub:
                 request_serializer=cbir_dot_v1_dot_gateway__pb2.GetStatusRequest.SerializeToString,
                 response_deserializer=cbir_dot_v1_dot_gateway__pb2.GetStatusResponse.FromString,
                 _registered_method=True)
+        self.SearchBatch = channel.unary_unary(
+                '/cbir.v1.Gateway/SearchBatch',
+                request_serializer=cbir_dot_v1_dot_gateway__pb2.SearchBatchRequest.SerializeToString,
+                response_deserializer=cbir_dot_v1_dot_gateway__pb2.SearchBatchResponse.FromString,
+                _registered_method=True)
 
 
 class GatewayServicer:
@@ -87,6 +92,17 @@ class GatewayServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SearchBatch(self, request, context):
+        """Answers many queries (images, URLs, item ids) in one call: the images and downloaded URLs are
+        embedded together in one Embed call, then every query goes to the indexer. One result per query,
+        same order; a query that cannot be answered (bad image, unknown id, failed download) fails only
+        its own result. An empty batch, one over the gateway's max_batch_queries, or a bad k is
+        INVALID_ARGUMENT for the whole call.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GatewayServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -109,6 +125,11 @@ def add_GatewayServicer_to_server(servicer, server):
                     servicer.GetStatus,
                     request_deserializer=cbir_dot_v1_dot_gateway__pb2.GetStatusRequest.FromString,
                     response_serializer=cbir_dot_v1_dot_gateway__pb2.GetStatusResponse.SerializeToString,
+            ),
+            'SearchBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.SearchBatch,
+                    request_deserializer=cbir_dot_v1_dot_gateway__pb2.SearchBatchRequest.FromString,
+                    response_serializer=cbir_dot_v1_dot_gateway__pb2.SearchBatchResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -220,6 +241,33 @@ class Gateway:
             '/cbir.v1.Gateway/GetStatus',
             cbir_dot_v1_dot_gateway__pb2.GetStatusRequest.SerializeToString,
             cbir_dot_v1_dot_gateway__pb2.GetStatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SearchBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cbir.v1.Gateway/SearchBatch',
+            cbir_dot_v1_dot_gateway__pb2.SearchBatchRequest.SerializeToString,
+            cbir_dot_v1_dot_gateway__pb2.SearchBatchResponse.FromString,
             options,
             channel_credentials,
             insecure,

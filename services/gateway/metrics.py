@@ -19,3 +19,13 @@ UPSTREAM_ERRORS = prometheus_client.Counter(
     "Calls from the gateway to an upstream that ended with a status other than OK.",
     ["upstream", "method", "grpc_code"],
 )
+BATCH_QUERIES = prometheus_client.Histogram(
+    "cbir_gateway_batch_queries",
+    "Queries per SearchBatch request.",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+)
+BATCH_RESULTS = prometheus_client.Counter(
+    "cbir_gateway_batch_results_total",
+    "SearchBatch results by outcome: OK, or the status name of a failed query (INVALID_ARGUMENT, NOT_FOUND, ...).",
+    ["result"],
+)

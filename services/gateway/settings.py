@@ -26,6 +26,18 @@ class GatewaySettings(ServerSettings):
     indexer_target: str = Field("127.0.0.1:50052", min_length=1, description="gRPC target of the indexer(s)")
     default_k: int = Field(20, ge=1, description="hits returned when a request asks for k = 0")
     max_k: int = Field(1000, ge=1, description="the most hits one request may ask for")
+    max_batch_queries: int = Field(
+        64, ge=1, le=256, description="the most queries one SearchBatch may carry (its images go to the embedder in "
+        "one Embed call: keep this at or below the embedder's max_images_per_request, 256 by default)"
+    )
+    batch_index_concurrency: int = Field(
+        8, ge=1, description="index queries of one SearchBatch in flight at once (the indexer refuses calls beyond "
+        "its max_concurrent_rpcs, so one batch must not take them all)"
+    )
+    batch_timeout_s: float = Field(
+        180.0, gt=0, description="deadline budget of one SearchBatch (downloads, its Embed call, index queries), and "
+        "the bound of that Embed call: it embeds every image of the batch, ~N times the work of one search"
+    )
     verify: bool = Field(
         True, description="ask the embedder for each query's local features (and its mirror's) so that the indexer "
         "verifies its best candidates geometrically (copies found first; ~50 ms of the embedder per query); "

@@ -18,14 +18,15 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Callable
+from collections import deque
+from collections.abc import Callable, Hashable, Sequence
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cbir.channels import ClientTls, Retry, open_channel
 from cbir.errors import BadImage, CbirError, UpstreamTimeout, UpstreamUnavailable
-from services.gateway.budget import BUDGET, CALLER, OWN_TIMEOUT, Budget
+from services.gateway.budget import OWN_TIMEOUT, Budget
 from cbir.v1 import (
     common_pb2,
     embedder_pb2,
@@ -82,7 +83,7 @@ def retry_policy(*services: str) -> Retry:
 
 
 def upstream_error(
-    name: str, target: str, method: str, error: grpc.RpcError, timeout_s: float, bound_by: str
+    name: str, target: str, method: str, error: grpc.RpcError, timeout_s: float, bound: str | None
 ) -> CbirError:
     """The domain error for a failed call to upstream `name` at `target`. The one place for this."""
     code = error.code() if hasattr(error, "code") else None
@@ -92,10 +93,7 @@ def upstream_error(
     if code in PASSED_THROUGH:
         return UpstreamRejected(code, details)
     if code is grpc.StatusCode.DEADLINE_EXCEEDED:
-        whose = {
-            BUDGET: "the request's deadline budget (request_timeout_s)",
-            CALLER: "the caller's remaining deadline",
-        }.get(bound_by, "the gateway's timeout for it")
+        whose = bound or "the gateway's timeout for it"
         return UpstreamTimeout(
             f"{name} at {target} did not answer {method} within {timeout_s:.3g} s ({whose})"
         )
@@ -110,14 +108,14 @@ class PendingCall:
     """A call in flight to an upstream; `result()` waits for it and maps its failure."""
 
     def __init__(
-        self, upstream: "Upstream", method: str, future, timeout_s: float, bound_by: str, log_level: int
+        self, upstream: "Upstream", method: str, future, timeout_s: float, bound: str | None, log_level: int
     ):
         self._upstream = upstream
         self._log_level = log_level
         self._method = method
         self._future = future
         self._timeout_s = timeout_s
-        self._bound_by = bound_by
+        self._bound = bound  # what bounds the call when not its own timeout (Budget.describe)
         self._start = time.perf_counter()
         self._end: float | None = None
         self.seconds: float | None = None
@@ -137,7 +135,7 @@ class PendingCall:
             raise UpstreamUnavailable(f"call to {name} {method} was cancelled (the caller went away)") from None
         except grpc.RpcError as error:
             code = error.code() or grpc.StatusCode.UNKNOWN
-            mapped = upstream_error(name, self._upstream.target, method, error, self._timeout_s, self._bound_by)
+            mapped = upstream_error(name, self._upstream.target, method, error, self._timeout_s, self._bound)
             if code not in PASSED_THROUGH:
                 log.log(self._log_level, "%s", mapped)
             raise mapped from None
@@ -148,6 +146,38 @@ class PendingCall:
                 UPSTREAM_ERRORS.labels(name, method, code.name).inc()
 
 
+class CallWindow:
+    """Upstream calls sent with at most `size` in flight (one more waits for the oldest to end), and what each
+    ended with, by key: its response or its domain error. Keeps a batch from taking every slot of an upstream
+    (its `max_concurrent_rpcs`)."""
+
+    def __init__(self, size: int):
+        self._size = size
+        self._in_flight: deque[tuple[Hashable, PendingCall]] = deque()
+        self.outcomes: dict[Hashable, object] = {}
+
+    def submit(self, key: Hashable, start: Callable[[], PendingCall]) -> None:
+        while len(self._in_flight) >= self._size:
+            self._settle_oldest()
+        try:
+            self._in_flight.append((key, start()))
+        except CbirError as error:  # no time left in the budget for it
+            self.outcomes[key] = error
+
+    def _settle_oldest(self) -> None:
+        key, call = self._in_flight.popleft()
+        try:
+            self.outcomes[key] = call.result()
+        except CbirError as error:
+            self.outcomes[key] = error
+
+    def drain(self) -> dict[Hashable, object]:
+        """Wait for every call in flight; the outcomes of all the calls submitted."""
+        while self._in_flight:
+            self._settle_oldest()
+        return self.outcomes
+
+
 class Upstream:
     """One upstream service behind one channel (every replica its target resolves to)."""
 
@@ -156,6 +186,7 @@ class Upstream:
         self.target = target
         self.service = service
         self.tls = tls
+        self.max_message_bytes = max_message_bytes
         self.channel = open_channel(target, tls=tls, max_message_bytes=max_message_bytes, retry=retry_policy(service))
         self._health = health_pb2_grpc.HealthStub(self.channel)
         self.connectivity = "IDLE"
@@ -169,16 +200,14 @@ class Upstream:
         """Send `request` with the shortest of `timeout_s` and what is left of the request's `budget`;
         the call is cancelled if the caller goes away. A failure other than the caller's own problem is
         logged at `log_level` once, here."""
-        timeout, bound_by = timeout_s, OWN_TIMEOUT
+        timeout, bound = timeout_s, None
         if budget is not None:
             timeout, bound_by = budget.timeout_for(timeout_s, f"{self.name} {method}")
+            bound = None if bound_by == OWN_TIMEOUT else budget.describe()
         future = rpc.future(request, timeout=timeout)
         if budget is not None and budget.context is not None:
             budget.context.add_callback(future.cancel)  # the caller went away: stop the upstream's work too
-        return PendingCall(self, method, future, timeout, bound_by, log_level)
-
-    def call(self, method: str, rpc: Callable, request, *, timeout_s: float, budget: Budget | None = None):
-        return self.start(method, rpc, request, timeout_s=timeout_s, budget=budget).result()
+        return PendingCall(self, method, future, timeout, bound, log_level)
 
     def check_health(self, *, timeout_s: float) -> PendingCall:
         """grpc.health.v1 Check of this upstream's service (answered by one replica)."""
@@ -190,27 +219,62 @@ class Upstream:
         self.channel.close()
 
 
+# Room left in an Embed request for what is not image bytes (field tags, lengths, the flags).
+_MESSAGE_OVERHEAD_BYTES = 64 * 1024
+
+
+def _parts(images: Sequence[bytes], max_bytes: int) -> list[list[bytes]]:
+    """`images` in order, cut into runs whose bytes add up to at most `max_bytes` (an image larger than that
+    alone in its run, for the embedder to refuse): one run unless the images would not fit one message."""
+    parts: list[list[bytes]] = []
+    size = 0
+    for image in images:
+        if not parts or (parts[-1] and size + len(image) > max_bytes):
+            parts.append([])
+            size = 0
+        parts[-1].append(image)
+        size += len(image)
+    return parts
+
+
 class EmbedderUpstream(Upstream):
     def __init__(self, target: str, *, max_message_bytes: int, tls: ClientTls | None = None):
         super().__init__("embedder", target, EMBEDDER_SERVICE, max_message_bytes=max_message_bytes, tls=tls)
         self.stub = embedder_pb2_grpc.EmbedderStub(self.channel)
 
-    def embed(self, image: bytes, *, timeout_s: float, budget: Budget | None = None, local_features: bool = False
-              ) -> tuple[embedder_pb2.EmbedResult, str]:
-        """(result, model fingerprint) of one image, with its local features (and its mirror's) when asked and
-        the model has them; BadImage with the embedder's reason if it is not an image."""
-        request = embedder_pb2.EmbedRequest(images=[image], local_features=local_features, mirrored=local_features)
-        response = self.call("Embed", self.stub.Embed, request, timeout_s=timeout_s, budget=budget)
-        if len(response.results) != 1:
-            raise UpstreamFailed(
-                f"embedder at {self.target} returned {len(response.results)} results for 1 image"
-            )
-        result = response.results[0]
+    def embed(self, images: Sequence[bytes], *, timeout_s: float, budget: Budget | None = None,
+              local_features: bool = False) -> tuple[list[embedder_pb2.EmbedResult], str]:
+        """(one EmbedResult per image, same order; the model fingerprint): the images in one Embed call (in as
+        few as the message size limit allows, sent at once), with each one's local features (and its mirror's)
+        when asked and the model has them. A bad image fails only its own result (`checked` raises BadImage
+        with the embedder's reason); a failed call raises the mapped domain error."""
+        calls = [
+            (len(part), self.start("Embed", self.stub.Embed, embedder_pb2.EmbedRequest(
+                images=part, local_features=local_features, mirrored=local_features), timeout_s=timeout_s,
+                budget=budget))
+            for part in _parts(images, self.max_message_bytes - _MESSAGE_OVERHEAD_BYTES)
+        ]
+        results: list[embedder_pb2.EmbedResult] = []
+        fingerprint = ""
+        for count, call in calls:
+            response = call.result()
+            if len(response.results) != count:
+                raise UpstreamFailed(
+                    f"embedder at {self.target} returned {len(response.results)} results for "
+                    f"{count} image{'s' if count != 1 else ''}"
+                )
+            results.extend(response.results)
+            fingerprint = response.model_fingerprint
+        return results, fingerprint
+
+    def checked(self, result: embedder_pb2.EmbedResult) -> embedder_pb2.EmbedResult:
+        """`result` if it holds a vector; BadImage with the embedder's reason, or UpstreamFailed when it holds
+        neither."""
         if result.error:
             raise BadImage(result.error)
         if result.vector.dimension == 0:
             raise UpstreamFailed(f"embedder at {self.target} returned neither a vector nor an error")
-        return result, response.model_fingerprint
+        return result
 
     def model_info(self, *, timeout_s: float) -> PendingCall:
         return self.start(
@@ -224,11 +288,17 @@ class IndexerUpstream(Upstream):
         super().__init__("indexer", target, INDEXER_SERVICE, max_message_bytes=max_message_bytes, tls=tls)
         self.stub = indexer_pb2_grpc.IndexerStub(self.channel)
 
-    def query_vector(self, request: indexer_pb2.QueryVectorRequest, *, timeout_s: float, budget: Budget | None = None):
-        return self.call("QueryVector", self.stub.QueryVector, request, timeout_s=timeout_s, budget=budget)
+    def start_query(self, request: indexer_pb2.QueryVectorRequest | indexer_pb2.QueryItemRequest, *,
+                    timeout_s: float, budget: Budget | None = None) -> PendingCall:
+        """QueryVector or QueryItem, whichever `request` is, sent without waiting for the answer."""
+        if isinstance(request, indexer_pb2.QueryItemRequest):
+            return self.start("QueryItem", self.stub.QueryItem, request, timeout_s=timeout_s, budget=budget)
+        return self.start("QueryVector", self.stub.QueryVector, request, timeout_s=timeout_s, budget=budget)
 
-    def query_item(self, request: indexer_pb2.QueryItemRequest, *, timeout_s: float, budget: Budget | None = None):
-        return self.call("QueryItem", self.stub.QueryItem, request, timeout_s=timeout_s, budget=budget)
+    def query(self, request: indexer_pb2.QueryVectorRequest | indexer_pb2.QueryItemRequest, *, timeout_s: float,
+              budget: Budget | None = None):
+        """The QueryVectorResponse or QueryItemResponse to `request`."""
+        return self.start_query(request, timeout_s=timeout_s, budget=budget).result()
 
     def index_info(self, *, timeout_s: float) -> PendingCall:
         return self.start(

@@ -1,0 +1,204 @@
+"""`cbir duplicates` over a real bundle: demo photos plus three copies made here (a 60 % crop, a mirror, a
+smaller re-encoded JPEG), built by `cbir index build`'s code with the seeded random VGG-16. Random weights make
+every global score ~1.0, so what these tests rely on is the robust evidence: RootSIFT inliers (the crop) and
+PDQ hashes (the mirror, the re-encoded copy). Small chosen-vector bundles cover the score rules."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import pathlib
+import shutil
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from apps import duplicates as dup
+from apps.cli import main
+from cbir.bundle import add_deleted, write_bundle
+from cbir.v1 import common_pb2
+
+PHOTOS = pathlib.Path(__file__).resolve().parent.parent / "demo" / "photos"
+ORIGINALS = [
+    "skimage-astronaut.jpg", "skimage-coffee.jpg", "skimage-chelsea.jpg", "skimage-motorcycle_left.jpg",
+    "opencv-baboon.jpg", "opencv-fruits.jpg", "opencv-messi5.jpg", "opencv-home.jpg",
+    "lomiri-dragonfly_by_bolly.jpg",
+]
+COPIES = {  # copy -> its original
+    "copy-crop.jpg": "opencv-home.jpg",
+    "copy-mirror.jpg": "skimage-astronaut.jpg",
+    "copy-small.jpg": "opencv-baboon.jpg",
+}
+EXPECTED = {frozenset(pair) for pair in COPIES.items()}
+
+
+def make_copies(folder: pathlib.Path) -> None:
+    home = Image.open(PHOTOS / "opencv-home.jpg").convert("RGB")
+    w, h = home.size
+    home.crop((round(w * 0.2), round(h * 0.2), round(w * 0.8), round(h * 0.8))).save(folder / "copy-crop.jpg",
+                                                                                    quality=90)
+    astronaut = Image.open(PHOTOS / "skimage-astronaut.jpg").convert("RGB")
+    astronaut.transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(folder / "copy-mirror.jpg", quality=90)
+    baboon = Image.open(PHOTOS / "opencv-baboon.jpg").convert("RGB")
+    baboon.resize((baboon.width // 2, baboon.height // 2), Image.Resampling.LANCZOS).save(
+        folder / "copy-small.jpg", quality=60)
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory, random_embedder) -> pathlib.Path:
+    """The bundle the slow tests share: VGG-16 (random weights) and RootSIFT over 12 photos, ~30 s on 2 cores."""
+    from apps.ingest.build import BuildOptions, build_index
+    from apps.ingest.embedding import LocalEmbedding
+
+    folder = tmp_path_factory.mktemp("dup-photos")
+    for name in ORIGINALS:
+        shutil.copy(PHOTOS / name, folder / name)
+    make_copies(folder)
+    root = tmp_path_factory.mktemp("dup-bundles") / "photos"
+    build_index(folder, root, LocalEmbedding(random_embedder), BuildOptions(batch_size=6, progress=False))
+    return root
+
+
+def run(*args: str, code: int = 0):
+    result = CliRunner().invoke(main, ["duplicates", *map(str, args)])
+    assert result.exit_code == code, (result.output, result.exception)
+    return result
+
+
+def groups_of(document: dict) -> set[frozenset[str]]:
+    return {frozenset(group["items"]) for group in document["groups"]}
+
+
+def evidence_of(document: dict) -> dict[frozenset[str], dict]:
+    return {frozenset(pair[:2]): evidence for group in document["groups"]
+            for pair, evidence in zip(group["pairs"], group["evidence"])}
+
+
+@pytest.mark.slow
+def test_copies_are_grouped_with_their_originals_and_nothing_else(root):
+    result = run(root, "--json")  # default: --class copy, PDQ on, a progress bar on stderr
+    document = json.loads(result.stdout)
+    assert groups_of(document) == EXPECTED
+    evidence = evidence_of(document)
+    assert evidence[frozenset(("copy-crop.jpg", "opencv-home.jpg"))]["inliers"] >= 12  # verified, not PDQ
+    assert evidence[frozenset(("copy-crop.jpg", "opencv-home.jpg"))]["match"] == "copy"  # PDQ: not the same image
+    for copy in ("copy-mirror.jpg", "copy-small.jpg"):
+        found = evidence[frozenset((copy, COPIES[copy]))]
+        assert (found["match"], found["decided_by"], found["pdq"]) == ("same_image", "pdq", "match")
+        assert found["pdq_distance"] <= dup.PDQ_MATCH_BITS
+    assert document["summary"]["items_searched"] == len(ORIGINALS) + len(COPIES)
+    assert "item/s" in result.stderr and "3 groups, 3 pairs, 6 items in groups" in result.stderr
+
+
+@pytest.mark.slow
+def test_near_duplicate_class_keeps_only_the_same_image(root):
+    document = json.loads(run(root, "--class", "near-duplicate", "--json", "--no-progress").stdout)
+    assert groups_of(document) == EXPECTED - {frozenset(("copy-crop.jpg", "opencv-home.jpg"))}
+
+
+@pytest.mark.slow
+def test_without_pdq_pairs_rest_on_verification_and_say_so(root):
+    document = json.loads(run(root, "--no-pdq", "--json", "--no-progress").stdout)
+    assert frozenset(("copy-crop.jpg", "opencv-home.jpg")) in groups_of(document)
+    assert all(len(group) == 2 and group & set(COPIES) for group in groups_of(document))  # no unrelated photos
+    assert {(e["pdq"], e["decided_by"]) for e in evidence_of(document).values()} == {("off", "inliers")}
+
+
+@pytest.mark.slow
+def test_deleted_items_are_left_out(root, tmp_path):
+    copy = tmp_path / "photos"
+    shutil.copytree(root, copy)
+    add_deleted(copy, ["opencv-home.jpg", "copy-mirror.jpg"])
+    document = json.loads(run(copy, "--json", "--no-progress").stdout)
+    assert groups_of(document) == {frozenset(("copy-small.jpg", "opencv-baboon.jpg"))}
+    assert document["summary"]["items_searched"] == len(ORIGINALS) + len(COPIES) - 2
+    assert document["summary"]["deleted_left_out"] == 2
+
+
+@pytest.mark.slow
+def test_csv_to_a_file_one_row_per_pair_with_its_group(root, tmp_path):
+    out = tmp_path / "dups.csv"
+    result = run(root, "--csv", "--out", out, "--no-progress")
+    assert f"wrote {out}" in result.stdout and "3 groups" in result.stdout
+    rows = list(csv.DictReader(io.StringIO(out.read_text(encoding="utf-8"))))
+    assert tuple(rows[0]) == dup.CSV_COLUMNS
+    assert sorted(row["group"] for row in rows) == ["1", "2", "3"]
+    assert {frozenset((row["item_a"], row["item_b"])) for row in rows} == EXPECTED
+    assert all(0.0 <= float(row["score"]) <= 1.0 for row in rows)
+
+
+@pytest.mark.slow
+def test_json_shape_to_a_file(root, tmp_path):
+    out = tmp_path / "dups.json"
+    run(root, "--json", "--out", out, "--no-progress")
+    document = json.loads(out.read_text(encoding="utf-8"))
+    assert set(document) == {"threshold", "class", "groups", "summary"}
+    assert (document["threshold"], document["class"]) == (None, "copy")
+    for group in document["groups"]:
+        assert group["items"] == sorted(group["items"]) and len(group["pairs"]) == len(group["evidence"])
+        for a, b, score in group["pairs"]:
+            assert a < b and {a, b} <= set(group["items"]) and isinstance(score, float)
+
+
+# -------------------------------------------------------------------- chosen vectors: the score rules
+def chosen_bundle(root: pathlib.Path) -> pathlib.Path:
+    """a1~a2 cosine 0.99, b1~b2 0.90, b2~b3 0.90 (b1~b3 0.81), c alone; http URLs: no PDQ, no local features."""
+    rng = np.random.default_rng(5)
+    basis = np.linalg.qr(rng.normal(size=(16, 16)))[0].T.astype(np.float32)
+    a = basis[0]
+    b1, b2 = basis[1], 0.90 * basis[1] + np.sqrt(1 - 0.81) * basis[2]
+    b3 = 0.90 * b2 + np.sqrt(1 - 0.81) * basis[3]
+    vectors = np.stack([a, 0.99 * a + np.sqrt(1 - 0.99 ** 2) * basis[4], b1, b2, b3 / np.linalg.norm(b3), basis[5]])
+    ids = ["a1", "a2", "b1", "b2", "b3", "c"]
+    return write_bundle(root, ids=ids, urls=[f"https://example.invalid/{i}.jpg" for i in ids], vectors=vectors,
+                        model=common_pb2.ModelInfo(name="vgg16", feature="gem", dimension=16, fingerprint="fp-dup"),
+                        metric="angular", trees=5)
+
+
+def test_threshold_and_unverified_score_rules(tmp_path):
+    root = tmp_path / "chosen"
+    chosen_bundle(root)
+    high = json.loads(run(root, "--threshold", "0.95", "--json", "--no-progress", "--k", "3").stdout)
+    assert high["threshold"] == 0.95 and groups_of(high) == {frozenset(("a1", "a2"))}
+    chained = json.loads(run(root, "--threshold", "0.85", "--json", "--no-progress", "--k", "3").stdout)
+    assert groups_of(chained) == {frozenset(("a1", "a2")), frozenset(("b1", "b2", "b3"))}  # b1~b3 through b2
+    assert len(chained["groups"][0]["pairs"]) == 2  # b1~b3 scores 0.81: joined by the group, not a pair
+    # unverified: a copy from score 0.95 (the indexer's copy_score), so the b pairs at 0.90 are only similar
+    copies = json.loads(run(root, "--json", "--no-progress", "--k", "3").stdout)
+    assert groups_of(copies) == {frozenset(("a1", "a2"))}
+    assert {(e["decided_by"], e["pdq"]) for e in evidence_of(copies).values()} == {("score", "not_local")}
+
+
+def test_without_pdqhash_installed_it_says_so(tmp_path, monkeypatch):
+    root = tmp_path / "chosen"
+    chosen_bundle(root)
+    monkeypatch.setattr(dup, "load_pdq", lambda: None)
+    result = run(root, "--json", "--no-progress", "--k", "3")
+    assert "pdqhash is not installed" in result.stderr
+    document = json.loads(result.stdout)
+    assert document["summary"]["pdq"] == "not_installed"
+    assert {e["pdq"] for e in evidence_of(document).values()} == {"not_installed"}
+
+
+@pytest.mark.parametrize("args, message", [
+    (["{tmp}/nowhere"], "does not exist"),
+    (["{tmp}"], "no index bundle"),
+    (["{tmp}", "--threshold", "1.5"], "0.0<=x<=1.0"),
+    (["{tmp}", "--threshold", "0.5", "--class", "copy"], "not both"),
+])
+def test_bad_input_is_a_usage_error(tmp_path, args, message):
+    result = run(*(a.format(tmp=tmp_path) for a in args), code=2)
+    assert message in result.output and "Traceback" not in result.output
+
+
+def test_classify_evidence_order():
+    v = dup.Verification()
+    assert dup.classify(0.1, 0, True, 3, v) == ("same_image", "pdq")  # PDQ wins over a low score
+    assert dup.classify(0.99, 5, True, None, v) == ("similar", "inliers")  # verifiable, no inliers: no copy
+    assert dup.classify(0.99, 40, True, 100, v) == ("copy", "inliers")  # PDQ apart: a crop, not the same image
+    assert dup.classify(0.96, 0, False, None, v) == ("copy", "score")  # textureless: the unverified score rule
+    assert dup.classify(0.90, 0, False, None, v) == ("similar", "score")
+    assert dup.classify(0.5, 0, False, None, v) == ("", "score")
