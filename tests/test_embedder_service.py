@@ -230,7 +230,7 @@ def test_model_info_and_its_metric(stub, embedder):
     labels = {
         "name": "vgg16", "feature": "gem", "dimension": "512", "weights_source": "random:0",
         "weights_fingerprint": "random-seed-0", "preprocessing": "caffe", "pooling": pooling,
-        "fingerprint": info.fingerprint,
+        "fingerprint": info.fingerprint, "local_features": "rootsift:500@512",
     }
     assert sample("cbir_embedder_model_info", labels) == 1.0
 

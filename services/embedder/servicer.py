@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 MODEL_INFO = prometheus_client.Info("cbir_embedder_model", "The model this embedder serves (its cbir.v1.ModelInfo).")
 _INFO_FIELDS = ("name", "feature", "dimension", "weights_source", "weights_fingerprint",
-                "preprocessing", "pooling", "fingerprint")
+                "preprocessing", "pooling", "fingerprint", "local_features")
 
 
 class EmbedderServicer(embedder_pb2_grpc.EmbedderServicer):
