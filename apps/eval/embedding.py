@@ -16,6 +16,7 @@ from typing import Callable, Sequence
 import numpy as np
 from tqdm import tqdm
 
+from cbir.bundle.local_store import pack_blobs, unpack_blobs
 from cbir.errors import BadImage
 from cbir.download import FetchError
 
@@ -145,14 +146,6 @@ def make_embedding(spec: ModelSpec, embedder_target: str | None = None):
 # ------------------------------------------------------------------------------------- embedding
 
 
-def _pack(blobs: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
-    return np.frombuffer(b"".join(blobs), np.uint8), np.cumsum([0] + [len(b) for b in blobs], dtype=np.int64)
-
-
-def _unpack(data: np.ndarray, offsets: np.ndarray) -> list[bytes]:
-    return [data[offsets[i]:offsets[i + 1]].tobytes() for i in range(len(offsets) - 1)]
-
-
 class VectorCache:
     """Vectors (and local features, with their mirror's) of one model (by fingerprint) keyed by the sha256
     of the encoded image, kept on disk."""
@@ -169,8 +162,8 @@ class VectorCache:
                     keys = data["keys"].tolist()
                     self._vectors = dict(zip(keys, data["vectors"]))
                     if "local" in data:
-                        pairs = zip(_unpack(data["local"], data["local_offsets"]),
-                                    _unpack(data["mirrored"], data["mirrored_offsets"]))
+                        pairs = zip(unpack_blobs(data["local"], data["local_offsets"]),
+                                    unpack_blobs(data["mirrored"], data["mirrored_offsets"]))
                         self._local = dict(zip(keys, pairs))
                     if "ms_per_image" in data:
                         self.ms_per_image = float(data["ms_per_image"])
@@ -193,8 +186,8 @@ class VectorCache:
         keys = list(self._vectors)
         tmp = self.path.with_suffix(".tmp.npz")
         extra = {} if self.ms_per_image is None else {"ms_per_image": np.float64(self.ms_per_image)}
-        local, local_offsets = _pack([self._local.get(k, (b"", b""))[0] for k in keys])
-        mirrored, mirrored_offsets = _pack([self._local.get(k, (b"", b""))[1] for k in keys])
+        local, local_offsets = pack_blobs([self._local.get(k, (b"", b""))[0] for k in keys])
+        mirrored, mirrored_offsets = pack_blobs([self._local.get(k, (b"", b""))[1] for k in keys])
         extra |= dict(local=local, local_offsets=local_offsets, mirrored=mirrored, mirrored_offsets=mirrored_offsets)
         with open(tmp, "wb") as handle:
             np.savez(handle, keys=np.array(keys), vectors=np.stack([self._vectors[k] for k in keys]), **extra)

@@ -18,6 +18,8 @@ import shutil
 
 import numpy as np
 
+from cbir.bundle.local_store import pack_blobs, unpack_blobs
+
 log = logging.getLogger(__name__)
 _SHARD_RE = re.compile(r"^shard-(\d{6,})\.npz$")
 
@@ -55,7 +57,7 @@ class ShardStore:
                 continue
             vectors.update(zip(ids, rows))
             rejects.update(zip(rejected, reasons))
-            local.update((item_id, blob[offsets[i]:offsets[i + 1]].tobytes()) for i, item_id in enumerate(ids))
+            local.update(zip(ids, unpack_blobs(blob, offsets)))
         return vectors, rejects, local
 
     def _shards(self) -> list[pathlib.Path]:
@@ -85,6 +87,7 @@ class ShardStore:
         final = self.folder / f"shard-{number:06d}.npz"
         temporary = self.folder / f".tmp-{final.name}"
         dimension = self._vectors[0].shape[0] if self._vectors else 0
+        local, local_offsets = pack_blobs(self._local)
         with temporary.open("wb") as handle:
             np.savez(
                 handle,
@@ -92,8 +95,8 @@ class ShardStore:
                 vectors=np.array(self._vectors, dtype=np.float32).reshape(len(self._ids), dimension),
                 rejected_ids=np.array(self._rejected_ids, dtype=str),
                 reasons=np.array(self._reasons, dtype=str),
-                local=np.frombuffer(b"".join(self._local), dtype=np.uint8),
-                local_offsets=np.cumsum([0] + [len(blob) for blob in self._local], dtype=np.int64),
+                local=local,
+                local_offsets=local_offsets,
             )
             handle.flush()
             os.fsync(handle.fileno())

@@ -14,6 +14,17 @@ from cbir.bundle.layout import LOCAL_FEATURES_FILE, LOCAL_OFFSETS_FILE, REBUILD
 from cbir.errors import BundleError
 
 
+def pack_blobs(blobs: Sequence[bytes]) -> tuple[np.ndarray, np.ndarray]:
+    """Byte strings -> (their concatenation as uint8, the (len + 1,) int64 offsets into it): how the
+    build's shards and the evaluation's cache keep local features in an .npz."""
+    return np.frombuffer(b"".join(blobs), np.uint8), np.cumsum([0] + [len(b) for b in blobs], dtype=np.int64)
+
+
+def unpack_blobs(data: np.ndarray, offsets: np.ndarray) -> list[bytes]:
+    """Inverse of `pack_blobs`."""
+    return [data[offsets[i]:offsets[i + 1]].tobytes() for i in range(len(offsets) - 1)]
+
+
 def write_local_features(folder: Path, blobs: Sequence[bytes]) -> None:
     """Write one bytes object per item (b"" for an item without keypoints) into `folder`."""
     offsets = np.zeros(len(blobs) + 1, dtype=np.int64)

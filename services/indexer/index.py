@@ -248,13 +248,13 @@ class SearchIndex:
             order = rerank(counts, self.verification.min_inliers) + list(range(verified, len(ids)))
             ids, distances = [ids[i] for i in order], [distances[i] for i in order]
             inliers = [counts[i] if i < verified else 0 for i in order]
-        metric = self.bundle.metric
-        kept = [i for i, d in enumerate(distances) if score(metric, d) >= min_score][:k]
+        scores = [score(self.bundle.metric, d) for d in distances]
+        kept = [i for i, similarity in enumerate(scores) if similarity >= min_score][:k]
         with metrics.stage(SERVICE, "id_lookup"):
             records = self.bundle.items_by_annoy_ids([ids[i] for i in kept])
         hits = []
         for i, record in zip(kept, records):
-            similarity = score(metric, distances[i])
+            similarity = scores[i]
             # rerank permutes only the first `verified` candidates: position i < verified was verified
             match = self.verification.match_class(similarity, inliers[i], verified=i < verified)
             hits.append(SearchHit(record.item_id, record.url, float(distances[i]), similarity, record.metadata,
