@@ -431,12 +431,25 @@ def demo(photos, workdir, weights, rebuild, ui_port, gateway_port, embedder_port
 BATCH_TIMEOUT_S = 300.0
 
 
+def _parse_filter(ctx, param, values):
+    """--filter's conditions as a cbir.filters.Filter; a usage error saying what is wrong with one."""
+    from cbir import filters
+
+    try:
+        return filters.parse_filter(values)
+    except filters.FilterError as error:
+        raise click.BadParameter(str(error)) from None
+
+
 @main.command()
 @click.argument("images", metavar="IMAGE [IMAGE ...]", nargs=-1, required=True)
 @click.option("--k", type=click.IntRange(min=0), default=0,
               help="Number of results; 0 = the gateway's default (its maximum: `cbir status`).")
 @click.option("--min-score", type=click.FloatRange(0.0, 1.0), default=0.0,
               help="Leave out hits scoring below this (scores are similarities in [0, 1]; 0 = keep all).")
+@click.option("--filter", "conditions", multiple=True, metavar="CONDITION", callback=_parse_filter,
+              help="Only items whose metadata meets CONDITION: field=value, 'field in a,b', field>=number "
+                   "(>, <=, <), field<2020-01-31 (ISO date or datetime). Repeat it: every condition must hold.")
 @click.option("--gateway", default="127.0.0.1:50050", envvar="CBIR_GATEWAY_TARGET", help="Gateway gRPC target.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table (several IMAGEs: a list).")
 @click.option("--tls-ca", type=click.Path(exists=True, dir_okay=False, path_type=pathlib.Path),
@@ -445,7 +458,7 @@ BATCH_TIMEOUT_S = 300.0
               help="Client certificate for mutual TLS.")
 @click.option("--tls-key", type=click.Path(exists=True, dir_okay=False, path_type=pathlib.Path),
               help="Key of --tls-cert.")
-def search(images, k, min_score, gateway, as_json, tls_ca=None, tls_cert=None, tls_key=None):
+def search(images, k, min_score, conditions, gateway, as_json, tls_ca=None, tls_cert=None, tls_key=None):
     """Search the index for images similar to IMAGE (a file, or an http(s) URL the gateway downloads).
 
     Several IMAGEs go as one batch (the gateway embeds them together): one table per IMAGE, headed by its
@@ -453,9 +466,11 @@ def search(images, k, min_score, gateway, as_json, tls_ca=None, tls_cert=None, t
     """
     import grpc
 
+    from cbir import filters
     from cbir.client import GatewayClient
     from cbir.v1 import gateway_pb2
 
+    wire_filter = filters.to_proto(conditions) if conditions else None
     queries = []
     for image in images:
         if image.lower().startswith(("http://", "https://")):
@@ -467,11 +482,12 @@ def search(images, k, min_score, gateway, as_json, tls_ca=None, tls_cert=None, t
     with GatewayClient(gateway, tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key) as client:
         try:
             if len(queries) > 1:
-                response = client.search_batch(queries, k=k, min_score=min_score, timeout_s=BATCH_TIMEOUT_S)
+                response = client.search_batch(queries, k=k, min_score=min_score, timeout_s=BATCH_TIMEOUT_S,
+                                               filter=wire_filter)
             elif queries[0].url:
-                response = client.search_url(queries[0].url, k=k, min_score=min_score)
+                response = client.search_url(queries[0].url, k=k, min_score=min_score, filter=wire_filter)
             else:
-                response = client.search_image(queries[0].image, k=k, min_score=min_score)
+                response = client.search_image(queries[0].image, k=k, min_score=min_score, filter=wire_filter)
         except grpc.RpcError as error:
             raise click.ClickException(f"{error.code().name}: {error.details()}") from None
     if len(queries) > 1:
@@ -611,17 +627,21 @@ def health(target, service, timeout_s, quiet, use_tls=False, tls_ca=None, tls_ce
 @click.option("--threshold", type=click.FloatRange(0.0, 1.0), default=None,
               help="Instead of --class: pairs whose global score is >= this (no verification: the fastest pass).")
 @click.option("--k", type=click.IntRange(1, 1000), default=10, help="Neighbours searched per item.")
+@click.option("--verify-top", type=click.IntRange(1, 1000), default=None,
+              help="Nearest items verified per item (class rules); the k judged are the first after verification "
+                   "[default: 20, at least k].")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.option("--csv", "as_csv", is_flag=True, help="Print CSV, one row per pair with its group number.")
 @click.option("--out", type=click.Path(dir_okay=False, writable=True, path_type=pathlib.Path), default=None,
               help="Write the groups to this file instead of standard output.")
 @click.option("--workers", type=click.IntRange(min=1), default=None, help="Query threads [default: the CPUs, at most 8].")
-@click.option("--no-pdq", is_flag=True, help="Do not confirm same images with PDQ perceptual hashes.")
+@click.option("--no-pdq", is_flag=True, help="Do not judge same images by PDQ perceptual hashes (those the build "
+              "stored; for a bundle without them, hashes of its local image files).")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
-def duplicates(bundle, match_class, threshold, k, as_json, as_csv, out, workers, no_pdq, no_progress):
+def duplicates(bundle, match_class, threshold, k, verify_top, as_json, as_csv, out, workers, no_pdq, no_progress):
     """Groups of copies and near-duplicates in BUNDLE (a bundle root or a version folder), found through its
-    index: each item's k nearest are judged (geometric verification, PDQ on local image files), pairs are joined
-    into groups. Deleted items are left out."""
+    index: each item's k nearest are judged (PDQ hashes, geometric verification, the global score), pairs are
+    joined into groups. Deleted items are left out."""
     from apps import duplicates as dup
     from cbir.errors import BundleError
 
@@ -632,7 +652,7 @@ def duplicates(bundle, match_class, threshold, k, as_json, as_csv, out, workers,
     rule = dup.Rule(match_class=None, threshold=threshold) if threshold is not None else dup.Rule(match_class or "copy")
     try:
         report = dup.find_duplicates(bundle, rule, k=k, workers=workers or dup.default_workers(),
-                                     use_pdq=not no_pdq, progress=not no_progress)
+                                     use_pdq=not no_pdq, progress=not no_progress, verify_top=verify_top)
     except BundleError as error:
         raise click.BadParameter(str(error), param_hint="BUNDLE") from None
     if report.pdq == "not_installed":

@@ -29,13 +29,15 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from _common import ROOT, percentile, service  # noqa: E402
 
 PHOTOS = ROOT / "demo" / "photos"
-# name: (descriptor settings of the embedder, CBIR_INDEXER_VERIFY_TOP, gateway asks for local features)
+# name: (descriptor settings of the embedder, CBIR_INDEXER_VERIFY_TOP, gateway asks for local features,
+#        CBIR_INDEXER_VERIFY_REGION_K)
 CONFIGS = {
-    "squash 224 (original pass)": ({"resize": "squash"}, 0, False),
-    "224+448, no verification": ({}, 0, False),
-    "224+448, verify top 20": ({}, 20, True),
-    "224+448, verify top 50": ({}, 50, True),
-    "224+448, verify top 100 (default)": ({}, 100, True),
+    "squash 224 (original pass)": ({"resize": "squash"}, 0, False, 0),
+    "224+448, no verification": ({}, 0, False, 0),
+    "224+448, verify top 20": ({}, 20, True, 10),
+    "224+448, verify top 50": ({}, 50, True, 10),
+    "224+448, verify top 100, no region candidates": ({}, 100, True, 0),
+    "224+448, verify top 100 (default)": ({}, 100, True, 10),
 }
 
 
@@ -98,11 +100,11 @@ def main() -> None:
                 _, target, _ = stack.enter_context(service("embedder", env, work / f"embedder-{name}.log"))[:3]
                 embedders[name] = target
             clients = {}
-            for label, (extra, top, verify) in CONFIGS.items():
+            for label, (extra, top, verify, region_k) in CONFIGS.items():
                 which = "squash" if extra else "default"
                 _, indexer, _ = stack.enter_context(service("indexer", {
                     "CBIR_INDEXER_BUNDLE": str(bundles[which]), "CBIR_INDEXER_VERIFY_TOP": str(top),
-                    "CBIR_INDEXER_LOG_LEVEL": "WARNING"}))[:3]
+                    "CBIR_INDEXER_VERIFY_REGION_K": str(region_k), "CBIR_INDEXER_LOG_LEVEL": "WARNING"}))[:3]
                 _, gateway, _ = stack.enter_context(service("gateway", {
                     "CBIR_GATEWAY_EMBEDDER_TARGET": embedders[which], "CBIR_GATEWAY_INDEXER_TARGET": indexer,
                     "CBIR_GATEWAY_VERIFY": str(verify).lower(), "CBIR_GATEWAY_LOG_LEVEL": "WARNING"}))[:3]

@@ -10,13 +10,14 @@ gRPC statuses in one place.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import threading
 import time
+from collections.abc import Callable, Iterator
 from concurrent import futures
 from pathlib import Path
-from typing import Callable
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -36,40 +37,64 @@ def _split_method(full_method: str) -> tuple[str, str]:
     return service, method
 
 
-def _wrap_unary(handler: grpc.RpcMethodHandler, wrap: Callable) -> grpc.RpcMethodHandler:
-    if handler is None or handler.unary_unary is None:
-        return handler  # cbir has only unary RPCs; health Watch (streaming) passes through untouched
-    return handler._replace(unary_unary=wrap(handler.unary_unary))
+def _wrap(handler: grpc.RpcMethodHandler, service: str, wrap_unary: Callable, wrap_stream: Callable
+          ) -> grpc.RpcMethodHandler:
+    """`handler` with its behaviour wrapped: unary RPCs, and the server-streaming ones of cbir's own services
+    (FindDuplicates). grpc.health.v1 Watch, a stream as long as its watcher, passes through untouched."""
+    if handler is None:
+        return handler
+    if handler.unary_unary is not None:
+        return handler._replace(unary_unary=wrap_unary(handler.unary_unary))
+    if handler.unary_stream is not None and service.startswith("cbir."):
+        return handler._replace(unary_stream=wrap_stream(handler.unary_stream))
+    return handler
+
+
+@contextlib.contextmanager
+def _observed(service: str, method: str, context) -> Iterator[None]:
+    """Counts and times one RPC (a stream: until its last message) by its final status code."""
+    metrics.RPC_STARTED.labels(service, method).inc()
+    in_flight = metrics.RPC_IN_FLIGHT.labels(service, method)
+    in_flight.inc()
+    start = time.perf_counter()
+    code = grpc.StatusCode.OK
+    try:
+        yield
+    except GeneratorExit:  # a stream left unread: its caller went away
+        code = grpc.StatusCode.CANCELLED
+        raise
+    except BaseException:
+        code = context.code() or grpc.StatusCode.UNKNOWN
+        raise
+    finally:
+        if code is grpc.StatusCode.OK and context.code() is not None:
+            code = context.code()
+        in_flight.dec()
+        metrics.RPC_SECONDS.labels(service, method).observe(time.perf_counter() - start)
+        metrics.RPC_HANDLED.labels(service, method, code.name).inc()
 
 
 class MetricsInterceptor(grpc.ServerInterceptor):
-    """Counts and times every unary RPC, by method and final status code."""
+    """Counts and times every RPC, by method and final status code."""
 
     def intercept_service(self, continuation, handler_call_details):
         service, method = _split_method(handler_call_details.method)
 
         def wrap(behavior):
             def observed(request, context):
-                metrics.RPC_STARTED.labels(service, method).inc()
-                in_flight = metrics.RPC_IN_FLIGHT.labels(service, method)
-                in_flight.inc()
-                start = time.perf_counter()
-                code = grpc.StatusCode.OK
-                try:
+                with _observed(service, method, context):
                     return behavior(request, context)
-                except BaseException:
-                    code = context.code() or grpc.StatusCode.UNKNOWN
-                    raise
-                finally:
-                    if code is grpc.StatusCode.OK and context.code() is not None:
-                        code = context.code()
-                    in_flight.dec()
-                    metrics.RPC_SECONDS.labels(service, method).observe(time.perf_counter() - start)
-                    metrics.RPC_HANDLED.labels(service, method, code.name).inc()
 
             return observed
 
-        return _wrap_unary(continuation(handler_call_details), wrap)
+        def wrap_stream(behavior):
+            def observed_stream(request, context):
+                with _observed(service, method, context):
+                    yield from behavior(request, context)
+
+            return observed_stream
+
+        return _wrap(continuation(handler_call_details), service, wrap, wrap_stream)
 
 
 class ErrorInterceptor(grpc.ServerInterceptor):
@@ -78,21 +103,34 @@ class ErrorInterceptor(grpc.ServerInterceptor):
     def intercept_service(self, continuation, handler_call_details):
         method = handler_call_details.method
 
+        def abort(error: Exception, context) -> None:
+            """Called in the `except` block of `error`: abort the RPC with the status it maps to."""
+            if isinstance(error, CbirError):
+                context.abort(error.code, str(error))
+            if context.code() is not None:  # the handler already aborted with a status
+                raise error
+            log.exception("unexpected error in %s", method)
+            context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}; see the server log")
+
         def wrap(behavior):
             def guarded(request, context):
                 try:
                     return behavior(request, context)
-                except CbirError as error:
-                    context.abort(error.code, str(error))
-                except Exception:
-                    if context.code() is not None:  # the handler already aborted with a status
-                        raise
-                    log.exception("unexpected error in %s", method)
-                    context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}; see the server log")
+                except Exception as error:  # noqa: BLE001 - every error becomes a status; abort logs the unexpected
+                    abort(error, context)
 
             return guarded
 
-        return _wrap_unary(continuation(handler_call_details), wrap)
+        def wrap_stream(behavior):
+            def guarded_stream(request, context):
+                try:
+                    yield from behavior(request, context)
+                except Exception as error:  # noqa: BLE001 - as in `guarded`
+                    abort(error, context)
+
+            return guarded_stream
+
+        return _wrap(continuation(handler_call_details), _split_method(method)[0], wrap, wrap_stream)
 
 
 def server_credentials(cert: str | Path, key: str | Path, client_ca: str | Path | None = None) -> grpc.ServerCredentials:

@@ -68,11 +68,17 @@ def test_demo_builds_serves_answers_and_stops_cleanly_on_ctrl_c(tmp_path):
 
         with GatewayClient(f"127.0.0.1:{gateway}") as client:
             hits = client.search_image((photos / E2E_PHOTOS[2]).read_bytes(), k=3).hits
+            duplicates = list(client.find_duplicates_events(threshold=0.0, k=2))
         assert hits[0].item_id == E2E_PHOTOS[2]
+        # every pair scores >= 0: the six photos are one group, found over the demo stack's index
+        groups = [event.group for event in duplicates if event.HasField("group")]
+        assert [len(group.items) for group in groups] == [6] and duplicates[-1].summary.items_searched == 6
         with urllib.request.urlopen(f"http://127.0.0.1:{ui}/", timeout=10) as page:
             assert page.status == 200
         with urllib.request.urlopen(f"http://127.0.0.1:{metrics}/metrics", timeout=10) as scrape:
-            assert b'cbir_grpc_server_handled_total{grpc_code="OK",grpc_method="SearchByImage"' in scrape.read()
+            scraped = scrape.read()
+        assert b'cbir_grpc_server_handled_total{grpc_code="OK",grpc_method="SearchByImage"' in scraped
+        assert b'cbir_grpc_server_handled_total{grpc_code="OK",grpc_method="FindDuplicates"' in scraped
 
         process.send_signal(signal.SIGINT)
         rest, _ = process.communicate(timeout=60)

@@ -1,11 +1,13 @@
-"""`cbir duplicates` over a real bundle: demo photos plus three copies made here (a 60 % crop, a mirror, a
-smaller re-encoded JPEG), built by `cbir index build`'s code with the seeded random VGG-16. Random weights make
-every global score ~1.0, so what these tests rely on is the robust evidence: RootSIFT inliers (the crop) and
-PDQ hashes (the mirror, the re-encoded copy). Small chosen-vector bundles cover the score rules."""
+"""`cbir duplicates` over a real bundle: demo photos plus four copies made here (a 60 % crop, a mirror, a quarter
+turn, a smaller re-encoded JPEG), built by `cbir index build`'s code with the seeded random VGG-16. Random weights
+make every global score ~1.0, so what these tests rely on is the robust evidence: RootSIFT inliers (the crop) and
+the PDQ hashes the build stored (the mirror, the quarter turn, the re-encoded copy). Small chosen-vector bundles
+cover the score rules and PDQ hashes of images that cannot be read any more."""
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import pathlib
@@ -18,7 +20,9 @@ from PIL import Image
 
 from apps import duplicates as dup
 from apps.cli import main
-from cbir.bundle import add_deleted, write_bundle
+from cbir import pdq
+from cbir.bundle import add_deleted, open_bundle, write_bundle
+from cbir.errors import BundleError
 from cbir.v1 import common_pb2
 
 PHOTOS = pathlib.Path(__file__).resolve().parent.parent / "demo" / "photos"
@@ -30,8 +34,10 @@ ORIGINALS = [
 COPIES = {  # copy -> its original
     "copy-crop.jpg": "opencv-home.jpg",
     "copy-mirror.jpg": "skimage-astronaut.jpg",
+    "copy-rotated.jpg": "skimage-coffee.jpg",
     "copy-small.jpg": "opencv-baboon.jpg",
 }
+SAME_IMAGE = ("copy-mirror.jpg", "copy-rotated.jpg", "copy-small.jpg")  # PDQ's: the crop is a copy, not the same
 EXPECTED = {frozenset(pair) for pair in COPIES.items()}
 
 
@@ -42,6 +48,8 @@ def make_copies(folder: pathlib.Path) -> None:
                                                                                     quality=90)
     astronaut = Image.open(PHOTOS / "skimage-astronaut.jpg").convert("RGB")
     astronaut.transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(folder / "copy-mirror.jpg", quality=90)
+    coffee = Image.open(PHOTOS / "skimage-coffee.jpg").convert("RGB")
+    coffee.transpose(Image.Transpose.ROTATE_90).save(folder / "copy-rotated.jpg", quality=90)
     baboon = Image.open(PHOTOS / "opencv-baboon.jpg").convert("RGB")
     baboon.resize((baboon.width // 2, baboon.height // 2), Image.Resampling.LANCZOS).save(
         folder / "copy-small.jpg", quality=60)
@@ -85,12 +93,33 @@ def test_copies_are_grouped_with_their_originals_and_nothing_else(root):
     evidence = evidence_of(document)
     assert evidence[frozenset(("copy-crop.jpg", "opencv-home.jpg"))]["inliers"] >= 12  # verified, not PDQ
     assert evidence[frozenset(("copy-crop.jpg", "opencv-home.jpg"))]["match"] == "copy"  # PDQ: not the same image
-    for copy in ("copy-mirror.jpg", "copy-small.jpg"):
+    for copy in SAME_IMAGE:
         found = evidence[frozenset((copy, COPIES[copy]))]
         assert (found["match"], found["decided_by"], found["pdq"]) == ("same_image", "pdq", "match")
         assert found["pdq_distance"] <= dup.PDQ_MATCH_BITS
     assert document["summary"]["items_searched"] == len(ORIGINALS) + len(COPIES)
-    assert "item/s" in result.stderr and "3 groups, 3 pairs, 6 items in groups" in result.stderr
+    assert document["summary"]["pdq"] == "stored"  # made by the build, not read from the files now
+    assert "item/s" in result.stderr and "4 groups, 4 pairs, 8 items in groups" in result.stderr
+
+
+@pytest.mark.slow
+def test_the_build_stores_pdq_and_the_indexer_core_judges_by_it(root):
+    """The indexer's own scan (what FindDuplicates runs) calls the mirrored, rotated and re-encoded copies the
+    same image on the hashes stored in the bundle."""
+    from services.indexer import duplicates as core
+    from services.indexer.index import SearchIndex
+
+    index = SearchIndex(open_bundle(root))
+    try:
+        assert index.bundle.pdq is not None and (index.bundle.pdq["quality"] >= 50).all()
+        scan = core.DuplicateScan(index, core.Rule("near-duplicate"))
+        for _ in scan:
+            pass
+        pairs = {frozenset((p.a, p.b)): p for g in scan.groups() for p in g.pairs}
+    finally:
+        index.close()
+    assert set(pairs) == {frozenset((copy, COPIES[copy])) for copy in SAME_IMAGE}
+    assert {(p.match, p.decided_by, p.pdq) for p in pairs.values()} == {("same_image", "pdq", "match")}
 
 
 @pytest.mark.slow
@@ -113,7 +142,8 @@ def test_deleted_items_are_left_out(root, tmp_path):
     shutil.copytree(root, copy)
     add_deleted(copy, ["opencv-home.jpg", "copy-mirror.jpg"])
     document = json.loads(run(copy, "--json", "--no-progress").stdout)
-    assert groups_of(document) == {frozenset(("copy-small.jpg", "opencv-baboon.jpg"))}
+    assert groups_of(document) == {frozenset(("copy-small.jpg", "opencv-baboon.jpg")),
+                                   frozenset(("copy-rotated.jpg", "skimage-coffee.jpg"))}
     assert document["summary"]["items_searched"] == len(ORIGINALS) + len(COPIES) - 2
     assert document["summary"]["deleted_left_out"] == 2
 
@@ -122,10 +152,10 @@ def test_deleted_items_are_left_out(root, tmp_path):
 def test_csv_to_a_file_one_row_per_pair_with_its_group(root, tmp_path):
     out = tmp_path / "dups.csv"
     result = run(root, "--csv", "--out", out, "--no-progress")
-    assert f"wrote {out}" in result.stdout and "3 groups" in result.stdout
+    assert f"wrote {out}" in result.stdout and "4 groups" in result.stdout
     rows = list(csv.DictReader(io.StringIO(out.read_text(encoding="utf-8"))))
     assert tuple(rows[0]) == dup.CSV_COLUMNS
-    assert sorted(row["group"] for row in rows) == ["1", "2", "3"]
+    assert sorted(row["group"] for row in rows) == ["1", "2", "3", "4"]
     assert {frozenset((row["item_a"], row["item_b"])) for row in rows} == EXPECTED
     assert all(0.0 <= float(row["score"]) <= 1.0 for row in rows)
 
@@ -172,6 +202,37 @@ def test_threshold_and_unverified_score_rules(tmp_path):
     assert {(e["decided_by"], e["pdq"]) for e in evidence_of(copies).values()} == {("score", "not_local")}
 
 
+def test_stored_pdq_needs_no_image_files(tmp_path):
+    """A bundle whose images are out of reach (http URLs) and far apart on the descriptor: the stored hashes
+    alone make a mirrored photo the same image, and the photo and another photo nothing."""
+    pdqhash = pdq.load_pdqhash()
+    astronaut = Image.open(PHOTOS / "skimage-astronaut.jpg").convert("RGB")
+    images = [astronaut, astronaut.transpose(Image.Transpose.FLIP_LEFT_RIGHT),
+              Image.open(PHOTOS / "opencv-baboon.jpg").convert("RGB")]
+    records = np.array([pdq.hash_pixels(pdqhash, pdq.decode(image)) for image in images], dtype=pdq.RECORD)
+    ids = ["photo", "mirror", "other"]
+    root = tmp_path / "stored"
+    write_bundle(root, ids=ids, urls=[f"https://example.invalid/{i}.jpg" for i in ids],
+                 vectors=np.array([[1, 0, 0], [0.5, 0.86, 0], [0.5, 0, 0.86]], dtype=np.float32),
+                 model=common_pb2.ModelInfo(name="vgg16", feature="gem", dimension=3, fingerprint="fp-pdq"),
+                 metric="angular", trees=3, pdq=records)
+    document = json.loads(run(root, "--class", "near-duplicate", "--json", "--no-progress", "--k", "2").stdout)
+    assert groups_of(document) == {frozenset(("photo", "mirror"))}
+    (found,) = evidence_of(document).values()
+    assert (found["decided_by"], found["pdq"], document["summary"]["pdq"]) == ("pdq", "match", "stored")
+
+
+def test_a_damaged_pdq_file_is_refused(tmp_path):
+    version = chosen_bundle(tmp_path / "chosen")
+    manifest = json.loads((version / "manifest.json").read_text())
+    np.save(version / "pdq.npy", pdq.empty(3))  # 3 records for 6 items, listed with its true checksum
+    data = (version / "pdq.npy").read_bytes()
+    manifest["files"]["pdq.npy"] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+    (version / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match=r"pdq\.npy holds .* \(3,\) but PDQ records \(6,\) were expected"):
+        open_bundle(version)
+
+
 def test_without_pdqhash_installed_it_says_so(tmp_path, monkeypatch):
     root = tmp_path / "chosen"
     chosen_bundle(root)
@@ -195,7 +256,9 @@ def test_bad_input_is_a_usage_error(tmp_path, args, message):
 
 
 def test_classify_evidence_order():
-    v = dup.Verification()
+    from services.indexer.verification import Verification
+
+    v = Verification()
     assert dup.classify(0.1, 0, True, 3, v) == ("same_image", "pdq")  # PDQ wins over a low score
     assert dup.classify(0.99, 5, True, None, v) == ("similar", "inliers")  # verifiable, no inliers: no copy
     assert dup.classify(0.99, 40, True, 100, v) == ("copy", "inliers")  # PDQ apart: a crop, not the same image

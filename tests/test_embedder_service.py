@@ -139,6 +139,17 @@ def test_gem_vectors_are_512_d_unit_and_repeatable(stub, embedder):
     assert first.model_fingerprint == embedder.info.fingerprint
 
 
+def test_region_vectors_are_returned_when_asked_and_only_then(stub, embedder):
+    """The default descriptor model sends nine unit region vectors of its own dimension with regions=True."""
+    image = png(scene(1))
+    asked = stub.Embed(embedder_pb2.EmbedRequest(images=[image], regions=True), timeout=60).results[0]
+    plain = stub.Embed(embedder_pb2.EmbedRequest(images=[image]), timeout=60).results[0]
+    regions = np.stack([from_proto(region) for region in asked.regions])
+    assert embedder.has_regions and len(plain.regions) == 0
+    assert regions.shape == (9, embedder.dimension) and np.allclose(np.linalg.norm(regions, axis=1), 1.0, atol=1e-5)
+    assert np.allclose(from_proto(asked.vector), from_proto(plain.vector), atol=1e-6)
+
+
 def test_different_images_give_different_vectors(stub):
     """Three different pictures give three clearly different vectors."""
     found = vectors(embed(stub, *(png(scene(k)) for k in range(3))))

@@ -264,14 +264,15 @@ def test_compare_embeds_once_per_model_and_covers_every_stage(photos, tmp_path):
     assert [m["queries"] for m in result["models"]] == [6, 6] and [m["groups"] for m in result["models"]] == [3, 3]
     # the index labels name the indexer's verify_top (IndexSpec.verify_top, default 100)
     assert [(r["model"], r["index_label"]) for r in result["stage_models"]] == [
-        ("gem(p=3) [random]", "angular, 30 trees, verify top 100"), ("fc1 [random]", "angular, 30 trees, verify top 100"),
-        ("fc1 [random]", "manhattan, 30 trees, verify top 100")]
+        ("gem(p=3) [random]", "angular, 30 trees, verify top 100, region k 10"),
+        ("fc1 [random]", "angular, 30 trees, verify top 100, region k 10"),
+        ("fc1 [random]", "manhattan, 30 trees, verify top 100, region k 10")]
     # PCA of the conv model only (no real weights here); plain and whitened
     assert [(r["model"], r["index_label"]) for r in result["stage_pca"]] == [
-        ("gem(p=3) [random]", "angular, 30 trees, pca 2, verify top 100"),
-        ("gem(p=3) [random]", "angular, 30 trees, pca 2 whitened, verify top 100")]
+        ("gem(p=3) [random]", "angular, 30 trees, pca 2, verify top 100, region k 10"),
+        ("gem(p=3) [random]", "angular, 30 trees, pca 2 whitened, verify top 100, region k 10")]
     assert len(result["stage_metric_trees"]) == 4
-    assert result["original"]["index_label"] == "manhattan, 30 trees, verify top 100"
+    assert result["original"]["index_label"] == "manhattan, 30 trees, verify top 100, region k 10"
     assert result["original"]["feature"] == "fc1"
     assert result["chosen"]["copies_ann"] and result["chosen"]["groups_ann"]
     text = tables(result)

@@ -29,6 +29,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 from prometheus_client import REGISTRY
 
+from cbir import filters
 from cbir.client import GatewayClient
 from cbir.grpc_server import GrpcService
 from cbir.v1 import (
@@ -328,6 +329,36 @@ def test_k_above_max_k_is_invalid_argument_and_reaches_no_upstream(stack, kind):
 
     ok = stack.client.search_image(png(COLORS["green"]), k=5) if kind == "image" else stack.client.search_id("green", k=5)
     assert len(ok.hits) == 5
+
+
+@pytest.mark.parametrize("kind", ["image", "id", "batch"])
+def test_a_searchs_filter_reaches_the_indexer_as_sent(stack, kind):
+    """The metadata filter goes to the indexer unchanged (it knows the fields), for every kind of search."""
+    wanted = filters.to_proto(filters.parse_filter(["country=fr", "tag in a,b", "year>=2010", "taken<2020-01-01"]))
+    if kind == "image":
+        stack.client.search_image(png(COLORS["green"]), filter=wanted)
+        sent = [stack.indexer.behaviour.last("QueryVector")]
+    elif kind == "id":
+        stack.client.search_id("green", filter=["country=fr", "tag in a,b", "year>=2010", "taken<2020-01-01"])
+        sent = [stack.indexer.behaviour.last("QueryItem")]
+    else:
+        stack.client.search_batch(images=[png(COLORS["green"])], item_ids=["green"], filter=wanted)
+        sent = [stack.indexer.behaviour.last("QueryVector"), stack.indexer.behaviour.last("QueryItem")]
+    assert [query.filter for query in sent] == [wanted] * len(sent)
+
+
+@pytest.mark.parametrize("kind", ["image", "id", "batch"])
+def test_a_malformed_filter_is_invalid_argument_before_any_upstream_call(stack, kind):
+    bad = common_pb2.Filter(conditions=[common_pb2.Condition(field="year", number=common_pb2.Range(min="soon"))])
+    if kind == "image":
+        error = rpc_error(stack.client.search_image, png(COLORS["green"]), filter=bad)
+    elif kind == "id":
+        error = rpc_error(stack.client.search_id, "green", filter=bad)
+    else:
+        error = rpc_error(stack.client.search_batch, item_ids=["green"], filter=bad)
+    assert error.code() is StatusCode.INVALID_ARGUMENT
+    assert error.details() == "filter on 'year': 'soon' is not a number"
+    assert not stack.embedder.behaviour.calls and not stack.indexer.behaviour.calls
 
 
 def test_an_empty_image_is_invalid_argument_without_calling_the_embedder(stack):

@@ -275,7 +275,7 @@ def test_the_embed_request_asks_for_local_features_as_single_searches_do(make_st
     stack = make_stack(verify=verify)
     stack.client.search_batch(images=[png(COLORS["red"]), png(COLORS["blue"])])
     sent = stack.embedder.behaviour.last("Embed")
-    assert (len(sent.images), sent.local_features, sent.mirrored) == (2, verify, verify)
+    assert (len(sent.images), sent.local_features, sent.mirrored, sent.regions) == (2, verify, verify, verify)
     assert stack.indexer.behaviour.last("QueryVector").k == stack.settings.default_k
 
 

@@ -95,7 +95,7 @@ def test_a_build_killed_with_sigkill_resumes_and_holds_each_item_exactly_once(tm
         if process.poll() is None:
             process.kill()
             process.wait()
-    stored, rejected, _ = ShardStore(next(out.glob(".work/*"))).load()
+    stored, rejected, _, _ = ShardStore(next(out.glob(".work/*"))).load()
     assert 0 < len(stored) < len(names) and not rejected, "the kill did not land mid-way"
     assert list_versions(out) == [], "a bundle was written before the kill"
 
@@ -182,7 +182,7 @@ def test_a_build_crashed_after_any_batch_resumes_to_the_same_bundle(tmp_path, sm
         out = tmp_path / f"crash-{crash_after}"
         with pytest.raises(Crash):
             build_index(source, out, ColourEmbedding(crash_after), OPTIONS)
-        stored, rejected, local = ShardStore(out / ".work" / "fp-colour").load()
+        stored, rejected, local, _ = ShardStore(out / ".work" / "fp-colour").load()
         assert all(np.array_equal(np.frombuffer(local[i], np.float32) + 0.01, stored[i]) for i in stored)
         second = ColourEmbedding()
         result = build_index(source, out, second, OPTIONS)

@@ -116,8 +116,9 @@ def test_shards_keep_ids_with_vectors_and_survive_a_restart(tmp_path):
     store.add("b", np.array([4, 5, 6], np.float32))  # fills the shard: written
     store.add_reject("c", "cannot decode")
     store.flush()
-    vectors, rejects, local = ShardStore(tmp_path / "work").load()
+    vectors, rejects, local, hashes = ShardStore(tmp_path / "work").load()
     assert sorted(vectors) == ["a", "b"] and vectors["b"].tolist() == [4, 5, 6]
+    assert sorted(hashes) == ["a", "b"]  # a PDQ record per stored item (empty when none was computed)
     assert local == {"a": b"local-a", "b": b""}
     assert rejects == {"c": "cannot decode"}
     assert len(list((tmp_path / "work").glob("shard-*.npz"))) == 2

@@ -223,24 +223,23 @@ def test_sane_refuses_degenerate_homographies():
     an identity model counts the distinct inlier points."""
     points = np.float32([[x, y] for x in range(0, 100, 10) for y in range(0, 100, 10)])
     mask = np.ones((len(points), 1), np.uint8)
-    assert lf._sane(None, mask, points, points, (100, 100)) == 0
-    assert lf._sane(np.eye(3), mask, points, points, (100, 100)) == 100
-    assert lf._sane(np.diag([10.0, 10.0, 1.0]), mask, points, points * 10, (100, 100)) == 0  # 100x the area
-    assert lf._sane(np.diag([0.1, 0.1, 1.0]), mask, points, points / 10, (100, 100)) == 0  # 1/100 of the area
+    assert lf._sane(None, mask, points, points, (100, 100), (100, 100)) == 0
+    assert lf._sane(np.eye(3), mask, points, points, (100, 100), (100, 100)) == 100
+    assert lf._sane(np.diag([10.0, 10.0, 1.0]), mask, points, points * 10, (100, 100), (100, 100)) == 0  # 100x the area
+    assert lf._sane(np.diag([0.1, 0.1, 1.0]), mask, points, points / 10, (100, 100), (100, 100)) == 0  # 1/100 of the area
     horizon = np.array([[1.0, 0, 0], [0, 1, 0], [-0.015, 0, 1]])  # x = 66.7 goes to infinity: frame not convex
-    assert lf._sane(horizon, mask, points, points, (100, 100)) == 0
+    assert lf._sane(horizon, mask, points, points, (100, 100), (100, 100)) == 0
     half = mask.copy()
     half[::2] = 0
-    assert lf._sane(np.eye(3), half, points, points, (100, 100)) == 50
+    assert lf._sane(np.eye(3), half, points, points, (100, 100), (100, 100)) == 50
 
 
-# -- rerank
-
-
-def test_rerank_moves_verified_candidates_first_keeping_each_parts_order():
-    """Candidates with >= min_inliers come first in their global order, then the others in theirs."""
-    assert lf.rerank([0, 15, 3, 12, 10, 9, 40], 10) == [1, 3, 4, 6, 0, 2, 5]
-    assert lf.rerank([50, 40, 30], 10) == [0, 1, 2]  # all verified: unchanged
-    assert lf.rerank([0, 0, 9], 10) == [0, 1, 2]  # none verified: unchanged
-    assert lf.rerank([], 10) == []
-    assert lf.rerank(np.array([3, 20], np.int32), 10) == [1, 0]
+def test_inliers_packed_into_a_small_part_of_both_images_do_not_count():
+    """A strip of text on two different photos: 100 inliers whose hull covers 4.5 % of each 100 x 100 image
+    (under MIN_COVERAGE) count 0; matched to a 100 x 10 banner, the same strip covers 45 % of it and counts."""
+    strip = np.float32([[x, y] for x in np.linspace(5, 95, 25) for y in (50, 51, 53, 55)])
+    mask = np.ones((len(strip), 1), np.uint8)
+    assert lf._coverage(strip, (100, 100)) == pytest.approx(0.045, abs=1e-3)
+    assert lf._sane(np.eye(3), mask, strip, strip, (100, 100), (100, 100)) == 0
+    shift = np.array([[1.0, 0, 0], [0, 1, -48], [0, 0, 1]])
+    assert lf._sane(shift, mask, strip, strip - [0, 48], (100, 100), (100, 10)) == 100

@@ -14,6 +14,7 @@ import grpc
 import pytest
 from PIL import Image
 
+from cbir import filters
 from cbir.v1 import common_pb2, gateway_pb2
 from ui.handlers import UNKNOWN_LIMITS, KLimits, SearchHandlers, caption, format_status
 from ui.media import MediaPolicy
@@ -59,6 +60,7 @@ class FakeGateway:
 
     def __init__(self, hits=(), error: Exception | None = None, default_k=20, max_k=50):
         self.hits, self.error, self.calls = list(hits), error, []
+        self.filters = []  # the filter of each search, as sent
         self.default_k, self.max_k = default_k, max_k
 
     def _answer(self, response_type, call):
@@ -68,10 +70,12 @@ class FakeGateway:
         return response_type(hits=self.hits, bundle_version="v7",
                              timings=gateway_pb2.Timings(embed_ms=812.4, index_ms=1.25, total_ms=815.0))
 
-    def search_image(self, image, k=0, search_k=0):
+    def search_image(self, image, k=0, search_k=0, filter=None):
+        self.filters.append(filter)
         return self._answer(gateway_pb2.SearchByImageResponse, ("image", len(image), k))
 
-    def search_id(self, item_id, k=0, search_k=0, exclude_self=False):
+    def search_id(self, item_id, k=0, search_k=0, exclude_self=False, filter=None):
+        self.filters.append(filter)
         return self._answer(gateway_pb2.SearchByIdResponse, ("id", item_id, k))
 
     def status(self):
@@ -257,6 +261,32 @@ def test_without_the_gateways_limits_the_gateway_judges_k(media):
     assert "The request was refused: ask for at most 1000." in refused.message and refused.gallery is None
 
 
+def test_the_filter_box_filters_every_kind_of_search(media, tmp_path):
+    """The filter box's conditions (the CLI's syntax, ';'-separated) go with image searches and clicks; the
+    message says what the results were filtered on, and why there are none when nothing matches."""
+    client = FakeGateway([_hit("x", "https://example.org/x.jpg", 1.0)])
+    handlers = _handlers(client, media["policy"])
+    view = handlers.search_image(str(_jpeg(tmp_path / "q.jpg")), filter_text="country=fr; year>=2010")
+    assert view.ok and "for the uploaded image among items with country=fr; year\\>=2010, best first" in view.message
+    handlers.select_hit(["p", "q"], 1, filter_text=" tag in a,b ")
+    handlers.search_id("p", filter_text="  ")
+    assert client.filters == [filters.to_proto(filters.parse_filter("country=fr; year>=2010")),
+                              filters.to_proto(filters.parse_filter("tag in a,b")), None]
+    empty = _handlers(FakeGateway([]), media["policy"]).search_id("p", filter_text="country=xx")
+    assert "**No results** similar to item p among items with country=xx: no indexed item meets the filter." \
+        == empty.message
+
+
+def test_a_malformed_filter_is_refused_in_a_sentence_without_searching(media, tmp_path):
+    client = FakeGateway([_hit("x", "https://example.org/x.jpg", 1.0)])
+    view = _handlers(client, media["policy"]).search_image(str(_jpeg(tmp_path / "q.jpg")), previous=["old"],
+                                                           filter_text="country=fr; year>=soon")
+    assert not view.ok and view.gallery is None and client.calls == []
+    assert view.message.startswith("⚠️ **Not searched.** The filter cannot be used: filter on 'year': 'soon' is "
+                                   "neither a number nor an ISO 8601 date")
+    assert view.message.endswith("The results below are from the previous search.")
+
+
 def test_search_by_id_shows_the_searched_item_in_the_query_panel(media):
     """After a click (search by id) the query panel shows the clicked item: its own image when
     the answer has it as a local image the UI may show, and its full id."""
@@ -279,6 +309,8 @@ def test_search_by_id_shows_the_searched_item_in_the_query_panel(media):
     (grpc.StatusCode.FAILED_PRECONDITION, "model fingerprint differs", "image", "not ready: model fingerprint differs"),
     (grpc.StatusCode.RESOURCE_EXHAUSTED, "too many requests", "id", "busy (too many requests)"),
     (grpc.StatusCode.INTERNAL, "internal error", "id", "The search failed (INTERNAL): internal error."),
+    (grpc.StatusCode.INVALID_ARGUMENT, "filter field 'colour' is not a metadata field of the items of bundle v7; "
+     "its fields are: country, year", "image", "The filter was refused: filter field 'colour' is not a metadata field"),
 ])
 def test_gateway_errors_become_readable_messages(media, tmp_path, code, details, kind, expected):
     """Each gRPC failure becomes a sentence saying what happened; the previous results stay (the
@@ -345,13 +377,16 @@ def test_caption_format():
 
 
 def test_caption_shows_the_match_class():
-    """A hit the indexer classed (same image / copy / similar) says so right after its score."""
+    """A hit the indexer classed (same image / copy / similar) says so right after its score; a copy reads
+    "copy of" its id."""
     from cbir.v1 import common_pb2
 
     copy = common_pb2.Hit(item_id="img_7", score=0.41, inliers=57, match="copy")
     same = common_pb2.Hit(item_id="img_8", score=0.99, match="same_image")
-    assert caption(1, copy) == "#1 · 0.410 · copy · img_7"
+    similar = common_pb2.Hit(item_id="img_9", score=0.86, match="similar")
+    assert caption(1, copy) == "#1 · 0.410 · copy of img_7"
     assert caption(2, same) == "#2 · 0.990 · same image · img_8"
+    assert caption(3, similar) == "#3 · 0.860 · similar · img_9"
 
 
 # ----------------------------------------------------------------------------------- HTTP

@@ -17,7 +17,7 @@ import grpc
 import pytest
 from PIL import Image
 
-from cbir.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
+from cbir.v1 import common_pb2, duplicates_pb2, gateway_pb2, gateway_pb2_grpc
 
 pytestmark = [
     pytest.mark.browser,
@@ -40,6 +40,7 @@ class GatewayDouble(gateway_pb2_grpc.GatewayServicer):
     10 tiles, three rows.
     SearchById: the item itself first, then 4 other demo photos: a different list.
     GetStatus: default k 12, at most 20.
+    FindDuplicates: two progress reports, then two groups (photos 0-2, photos 3-4) and the summary.
     """
 
     OUTSIDE = ROOT / "pyproject.toml"  # a real file, not under demo/photos
@@ -90,6 +91,32 @@ class GatewayDouble(gateway_pb2_grpc.GatewayServicer):
         return gateway_pb2.SearchByIdResponse(
             hits=self.id_hits(request.item_id), bundle_version="test-v1",
             timings=gateway_pb2.Timings(index_ms=0.3, total_ms=0.4))
+
+    def duplicate_groups(self):
+        def item(photo):
+            return common_pb2.Item(item_id=photo.stem, url=photo.as_uri())
+
+        def pair(a, b, score, match, inliers=0):
+            return duplicates_pb2.DuplicatePair(item_a=a.stem, item_b=b.stem, score=score, match=match, inliers=inliers)
+
+        p = self.photos
+        return [duplicates_pb2.DuplicateGroup(number=1, items=[item(x) for x in p[:3]],
+                                              pairs=[pair(p[0], p[1], 0.991, "same_image"),
+                                                     pair(p[1], p[2], 0.612, "copy", 48)]),
+                duplicates_pb2.DuplicateGroup(number=2, items=[item(x) for x in p[3:5]],
+                                              pairs=[pair(p[3], p[4], 0.955, "copy")])]
+
+    def FindDuplicates(self, request, context):
+        self._record("duplicates", request.match_class)
+        total = len(self.photos)
+        for searched in (0, total):
+            yield duplicates_pb2.FindDuplicatesResponse(
+                progress=duplicates_pb2.DuplicateProgress(items_searched=searched, items_total=total))
+        groups = self.duplicate_groups()
+        for group in groups:
+            yield duplicates_pb2.FindDuplicatesResponse(group=group)
+        yield duplicates_pb2.FindDuplicatesResponse(summary=duplicates_pb2.DuplicateSummary(
+            groups=len(groups), groups_sent=len(groups), pairs=3, items_in_groups=5, items_searched=total))
 
     def GetStatus(self, request, context):
         return gateway_pb2.GetStatusResponse(
@@ -375,3 +402,32 @@ def test_pasting_an_image_searches(gateway, page):
     wait_images_loaded(page, 10)
     kind, k, size = double.requests[0]
     assert (kind, k) == ("image", 0) and size > 0  # the pasted PNG (a canvas copy of the photo)
+
+
+def test_the_duplicates_tab_shows_the_groups_side_by_side(gateway, page):
+    """In Chromium: on the Duplicates tab, Find duplicates calls the gateway's FindDuplicates with the class
+    chosen, and the page shows each group's images (decoded) side by side, captioned with their ids, with its
+    pairs' scores and classes; the unused group slots stay hidden; no Gradio error. Screenshot:
+    /tmp/cbir-ui-duplicates.png."""
+    double, _, _ = gateway
+    from playwright.sync_api import expect
+
+    page.get_by_role("tab", name="Duplicates").click()
+    page.locator("#dup-find").click()
+    expect(page.locator("#dup-message")).to_contain_text("2 groups of copies among the 10 images, largest first")
+    first, second = double.duplicate_groups()
+    expect(page.locator("#dup-group-0 .caption-label")).to_have_text([i.item_id for i in first.items])
+    expect(page.locator("#dup-group-1 .caption-label")).to_have_text([i.item_id for i in second.items])
+    page.wait_for_function(
+        """() => { const imgs = [...document.querySelectorAll('#dup-group-0 img')];
+                   return imgs.length === 3 && imgs.every(i => i.complete && i.naturalWidth > 0); }""", timeout=WAIT_MS)
+    tops = page.eval_on_selector_all("#dup-group-0 img", "imgs => imgs.map(i => Math.round(i.getBoundingClientRect().top))")
+    assert len(set(tops)) == 1, tops  # side by side, one row
+    expect(page.locator("#dup-group-0")).to_contain_text(f"{first.pairs[0].item_a} ~ {first.pairs[0].item_b}: "
+                                                         "score 0.991 · same image")
+    expect(page.locator("#dup-group-0")).to_contain_text("score 0.612 · copy · 48 inliers")
+    expect(page.locator("#dup-group-2")).to_be_hidden()
+    assert double.requests[-1] == ("duplicates", "copy")
+    page.screenshot(path=str(SCREENSHOT.with_name("cbir-ui-duplicates.png")), full_page=True)
+    assert page.foreign_requests == []
+    expect_no_gradio_errors(page)

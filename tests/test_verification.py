@@ -231,6 +231,39 @@ def test_only_the_top_candidates_are_verified(root, query_vector, query_local):
         index.close()
 
 
+def stored_vector(root: pathlib.Path, item_id: str) -> np.ndarray:
+    with open_bundle(root) as bundle:
+        (record,) = bundle.find_items([item_id])
+        return np.array(bundle.features()[record.annoy_id])
+
+
+def test_a_region_vector_brings_in_an_original_outside_the_candidates_and_verification_accepts_it(
+        root, query_vector, query_local):
+    """k=3 and top=3: the global search fetches only the three decoys. A region vector of the query that lies
+    on the original (the part of the query that shows it) adds the original as a candidate; it verifies, so it
+    comes first, scored by its global cosine (0.85). A region vector on an unrelated filler adds that filler,
+    which does not verify and so is no hit."""
+    index = SearchIndex(open_bundle(root), verification=dataclasses.replace(CLASSES, top=3, region_k=1))
+    try:
+        regions = [stored_vector(root, "original"), stored_vector(root, "filler-20")]
+        hits = index.query_vector(query_vector, k=3, local=[query_local], regions=regions)
+        assert ids(hits) == ["original", "decoy-1", "decoy-2"]
+        assert hits[0].inliers >= 12 and hits[0].match == "copy" and hits[0].score == pytest.approx(0.85, abs=1e-4)
+        without = index.query_vector(query_vector, k=3, local=[query_local])
+        assert ids(without) == ["decoy-1", "decoy-2", "decoy-3"]
+        # region vectors are candidates for verification only: without local features they change nothing
+        assert ids(index.query_vector(query_vector, k=3, regions=regions)) == ["decoy-1", "decoy-2", "decoy-3"]
+    finally:
+        index.close()
+
+
+def test_region_vectors_of_the_wrong_dimension_or_too_many_are_invalid(index, query_vector, query_local):
+    with pytest.raises(InvalidRequest, match="region vectors must be finite and of dimension 16"):
+        index.query_vector(query_vector, k=3, local=[query_local], regions=[np.ones(8, np.float32)])
+    with pytest.raises(InvalidRequest, match="at most 64 region vectors"):
+        index.query_vector(query_vector, k=3, local=[query_local], regions=[query_vector] * 65)
+
+
 def test_min_inliers_decides_what_moves(root, query_vector, query_local):
     """Verification(min_inliers=10**6): nothing is moved, but the original's inliers and "copy" class remain."""
     index = SearchIndex(open_bundle(root), verification=dataclasses.replace(CLASSES, min_inliers=10**6))
@@ -433,6 +466,20 @@ def test_grpc_query_with_local_features_returns_inliers_and_match(stub, query_ve
     assert [h.inliers for h in plain.hits] == [0] * 5 and plain.hits[0].match == "copy"
     info = stub.GetIndexInfo(indexer_pb2.GetIndexInfoRequest(), timeout=30).index
     assert (info.local_features, info.verify_top) == ("rootsift:500@512", 100)
+
+
+def test_grpc_region_vectors_are_sent_as_vectors_and_checked(root, stub, query_vector, query_local):
+    """QueryVector.regions reach the search (the original, far down the global order at k=1, is verified
+    through its region); a region of another dimension is INVALID_ARGUMENT in words."""
+    region = wire.to_proto(stored_vector(root, "far-copy"))
+    reply = stub.QueryVector(request(query_vector, k=1, local_features=lf.to_bytes(query_local), regions=[region]),
+                             timeout=30)
+    assert [h.item_id for h in reply.hits] == ["original"]  # verified top 100 holds all 30: the original wins
+    with pytest.raises(grpc.RpcError) as error:
+        stub.QueryVector(request(query_vector, k=1, local_features=lf.to_bytes(query_local),
+                                 regions=[wire.to_proto(np.ones(8, np.float32))]), timeout=30)
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "dimension 8, this index expects 16" in error.value.details()
 
 
 def test_grpc_mirrored_features_and_min_score(stub, query_vector):

@@ -12,6 +12,8 @@ from typing import Any
 
 import gradio as gr
 
+from ui.duplicates import DuplicatesHandlers
+from ui.duplicates_tab import duplicates_tab
 from ui.handlers import UNKNOWN_LIMITS, KLimits, SearchHandlers, SearchView
 from ui.media import MediaPolicy
 from ui.settings import UiSettings
@@ -28,6 +30,11 @@ CSS = """
 #results .grid-wrap { height: auto !important; max-height: none !important; overflow-y: visible; }
 #query-info p { margin: 0; overflow-wrap: anywhere; }
 #status ul { padding-left: 1em; margin: 0; }
+.dup-group { border-top: 1px solid var(--border-color-primary); padding-top: 0.5em; }
+.dup-group p, .dup-group ul { margin: 0.1em 0; }
+.dup-group .grid-wrap { height: auto !important; min-height: 0 !important; max-height: none !important; }
+.dup-group .caption-label { font-size: 0.75em; padding: 1px 5px; }
+#dup-message p { margin: 0.2em 0; }
 """
 
 
@@ -71,6 +78,8 @@ def build_app(settings: UiSettings, client: Any) -> gr.Blocks:
         gateway_target=settings.gateway_target,
         timeout_s=settings.request_timeout_s,
     )
+    duplicates = DuplicatesHandlers(client, MediaPolicy(settings.media_roots), gateway_target=settings.gateway_target,
+                                    timeout_s=settings.duplicates_timeout_s)
 
     def show(view: SearchView):
         if view.gallery is None:  # failed or refused: leave the previous results (and query) where they are
@@ -87,14 +96,15 @@ def build_app(settings: UiSettings, client: Any) -> gr.Blocks:
     # The limits the page shows live in the page (a hidden JSON component), not in server-side
     # State: they change in the same browser update as the k box, so a search sent while the
     # status answer is arriving never pairs the old k with the new limits.
-    def on_search(image_path, k, item_ids, shown):
-        return show(handlers.search_image(image_path, k, previous=item_ids, limits=KLimits(**shown)))
+    def on_search(image_path, k, item_ids, shown, filter_text):
+        return show(handlers.search_image(image_path, k, previous=item_ids, limits=KLimits(**shown),
+                                          filter_text=filter_text))
 
-    def on_url(url, k, item_ids, shown):
-        return show(handlers.search_url(url, k, previous=item_ids, limits=KLimits(**shown)))
+    def on_url(url, k, item_ids, shown, filter_text):
+        return show(handlers.search_url(url, k, previous=item_ids, limits=KLimits(**shown), filter_text=filter_text))
 
-    def on_select(item_ids, k, shown, evt: gr.SelectData):
-        return show(handlers.select_hit(item_ids, evt.index, k, limits=KLimits(**shown)))
+    def on_select(item_ids, k, shown, filter_text, evt: gr.SelectData):
+        return show(handlers.select_hit(item_ids, evt.index, k, limits=KLimits(**shown), filter_text=filter_text))
 
     def on_status(k_value, shown_value: dict):
         """The status panel, and the k box set to the gateway's limits. An untouched k (the default
@@ -113,38 +123,45 @@ def build_app(settings: UiSettings, client: Any) -> gr.Blocks:
         gr.Markdown(f"## {TITLE}\nUpload or paste a photo to find the most similar images of the collection. "
                     "Click a result to search by it.")
         item_ids = gr.State([])
-        with gr.Row():
-            with gr.Column(scale=1, min_width=280):
-                query = QueryImage(label="Query image", type="filepath", sources=["upload", "clipboard"],
-                                   height=280, elem_id="query")
-                query_info = gr.Markdown("", elem_id="query-info")
-                # k: its default and maximum are the gateway's, read from its status as the page loads.
-                # A number box without bounds of its own: a slider clamps a typed k to its maximum
-                # without a word, and Gradio's bounds check fails the search with "Error" pills;
-                # the handler refuses a k above the gateway's maximum in a sentence instead.
-                k = gr.Number(value=UNKNOWN_LIMITS.default_k, precision=0, step=1, label="Number of results (k)",
-                              info=UNKNOWN_LIMITS.describe(), elem_id="k")
-                limits = gr.JSON(dataclasses.asdict(UNKNOWN_LIMITS), visible=False)
-                search = gr.Button("Search", variant="primary", elem_id="search")
-                url = gr.Textbox(label="…or the URL of an image", placeholder="https://…", max_lines=1,
-                                 elem_id="url")
-                url_search = gr.Button("Search URL", elem_id="search-url")
-                with gr.Accordion("Index status", open=True):
-                    status = gr.Markdown("Checking the gateway…", elem_id="status")
-                    refresh = gr.Button("Refresh status", size="sm", elem_id="refresh-status")
-            with gr.Column(scale=3):
-                message = gr.Markdown("Upload or paste an image to start.", elem_id="message")
-                # height="auto": the gallery grows with its rows (a fixed height cut the third one)
-                gallery = gr.Gallery(label="Results", columns=4, allow_preview=False, interactive=False,
-                                     object_fit="cover", height="auto", buttons=["fullscreen"], elem_id="results")
-                timings = gr.Markdown("", elem_id="timings")
+        with gr.Tab("Search", id="search"):  # noqa: SIM117 - one block per level of the layout
+            with gr.Row():
+                with gr.Column(scale=1, min_width=280):
+                    query = QueryImage(label="Query image", type="filepath", sources=["upload", "clipboard"],
+                                       height=280, elem_id="query")
+                    query_info = gr.Markdown("", elem_id="query-info")
+                    # k: its default and maximum are the gateway's, read from its status as the page loads.
+                    # A number box without bounds of its own: a slider clamps a typed k to its maximum
+                    # without a word, and Gradio's bounds check fails the search with "Error" pills;
+                    # the handler refuses a k above the gateway's maximum in a sentence instead.
+                    k = gr.Number(value=UNKNOWN_LIMITS.default_k, precision=0, step=1, label="Number of results (k)",
+                                  info=UNKNOWN_LIMITS.describe(), elem_id="k")
+                    limits = gr.JSON(dataclasses.asdict(UNKNOWN_LIMITS), visible=False)
+                    # metadata conditions in the CLI's syntax (cbir.filters); a malformed one is refused in words
+                    filter_box = gr.Textbox(label="Filter (metadata)", placeholder="country=fr; year>=2010", max_lines=3,
+                                            info="field=value · field in a,b · field>=number · field<2020-01-31; "
+                                                 "separate conditions with ;", elem_id="filter")
+                    search = gr.Button("Search", variant="primary", elem_id="search")
+                    url = gr.Textbox(label="…or the URL of an image", placeholder="https://…", max_lines=1,
+                                     elem_id="url")
+                    url_search = gr.Button("Search URL", elem_id="search-url")
+                    with gr.Accordion("Index status", open=True):
+                        status = gr.Markdown("Checking the gateway…", elem_id="status")
+                        refresh = gr.Button("Refresh status", size="sm", elem_id="refresh-status")
+                with gr.Column(scale=3):
+                    message = gr.Markdown("Upload or paste an image to start.", elem_id="message")
+                    # height="auto": the gallery grows with its rows (a fixed height cut the third one)
+                    gallery = gr.Gallery(label="Results", columns=4, allow_preview=False, interactive=False,
+                                         object_fit="cover", height="auto", buttons=["fullscreen"], elem_id="results")
+                    timings = gr.Markdown("", elem_id="timings")
+        with gr.Tab("Duplicates", id="duplicates"):
+            duplicates_tab(duplicates)
 
         outputs = [gallery, item_ids, message, timings, query, query_info]
-        search.click(on_search, [query, k, item_ids, limits], outputs)
-        query.upload(on_search, [query, k, item_ids, limits], outputs)
-        gallery.select(on_select, [item_ids, k, limits], outputs)
-        url_search.click(on_url, [url, k, item_ids, limits], outputs)
-        url.submit(on_url, [url, k, item_ids, limits], outputs)
+        search.click(on_search, [query, k, item_ids, limits, filter_box], outputs)
+        query.upload(on_search, [query, k, item_ids, limits, filter_box], outputs)
+        gallery.select(on_select, [item_ids, k, limits, filter_box], outputs)
+        url_search.click(on_url, [url, k, item_ids, limits, filter_box], outputs)
+        url.submit(on_url, [url, k, item_ids, limits, filter_box], outputs)
         refresh.click(on_status, [k, limits], [status, k, limits])
         blocks.load(on_status, [k, limits], [status, k, limits])
 

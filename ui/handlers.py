@@ -9,6 +9,10 @@ k has one owner, the gateway: its GetStatus says the default and the most one se
 (`KLimits`), read when the page loads and when the status is refreshed. The page sends k = 0 for
 "the gateway's default", refuses a k above the gateway's maximum itself (in a sentence, keeping the
 previous results), and, while the gateway's limits are unknown, leaves the judgement to the gateway.
+
+The filter box takes metadata conditions in the CLI's syntax (`cbir.filters`: `country=fr; year>=2010`,
+separated by ';' or new lines): a malformed one is refused here in a sentence, a field the items lack
+by the indexer, whose reason the page shows.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from typing import Any, Protocol
 
 import grpc
 
+from cbir import filters
 from ui import metrics
 from ui.media import MediaPolicy, placeholder_image
 
@@ -71,11 +76,12 @@ class QueryShown:
 class Gateway(Protocol):
     """The part of `cbir.client.GatewayClient` the UI uses."""
 
-    def search_image(self, image: bytes, k: int = 0, search_k: int = 0) -> Any: ...
+    def search_image(self, image: bytes, k: int = 0, search_k: int = 0, filter: Any = None) -> Any: ...
 
-    def search_id(self, item_id: str, k: int = 0, search_k: int = 0, exclude_self: bool = False) -> Any: ...
+    def search_id(self, item_id: str, k: int = 0, search_k: int = 0, exclude_self: bool = False,
+                  filter: Any = None) -> Any: ...
 
-    def search_url(self, url: str, k: int = 0, search_k: int = 0) -> Any: ...
+    def search_url(self, url: str, k: int = 0, search_k: int = 0, filter: Any = None) -> Any: ...
 
     def status(self) -> Any: ...
 
@@ -98,15 +104,16 @@ def md(text: object) -> str:
     return "".join("\\" + c if c in _MARKDOWN_SPECIALS else c for c in str(text))
 
 
-_MATCH_BADGES = {"same_image": "same image", "copy": "copy", "similar": "similar"}
+# The match class before the hit's id; a copy reads "copy of <id>" (the query is a copy of that image).
+_MATCH_BADGES = {"same_image": "same image · ", "copy": "copy of ", "similar": "similar · "}
 
 
 def caption(rank: int, hit: Any) -> str:
-    """The caption on one result tile: `#rank · 0.973 · copy · item_id`, rank, score and match class
+    """The caption on one result tile: `#rank · 0.973 · copy of item_id`, rank, score and match class
     (when the hit has one) first: the page shows one line and ellipsizes what does not fit (a long
     id), with the whole caption in the tile's tooltip."""
     badge = _MATCH_BADGES.get(getattr(hit, "match", ""), "")
-    return f"#{rank} · {hit.score:.3f} · " + (f"{badge} · " if badge else "") + hit.item_id
+    return f"#{rank} · {hit.score:.3f} · {badge}{hit.item_id}"
 
 
 def _short(details: str | None) -> str:
@@ -125,6 +132,8 @@ def describe_rpc_error(error: grpc.RpcError, *, kind: str, target: str, timeout_
         return (f"The gateway did not answer within {timeout_s:g} s and the request was abandoned. "
                 "It may be busy or still loading; try again.")
     if code is grpc.StatusCode.INVALID_ARGUMENT:
+        if details.startswith("filter"):  # cbir.filters.FilterError, e.g. a field the items lack
+            return f"The filter was refused: {details}."
         if kind == "image":
             return f"This image could not be used: {details}. Try a JPEG or PNG photo."
         return f"The request was refused: {details}."
@@ -210,9 +219,9 @@ class SearchHandlers:
 
     # ------------------------------------------------------------------ searches
     def search_image(self, image_path: str | None, k: Any = None, previous: list[str] | None = None,
-                     limits: KLimits | None = None) -> SearchView:
+                     limits: KLimits | None = None, filter_text: str | None = None) -> SearchView:
         """Search by the uploaded/pasted image at `image_path` (a file Gradio saved). `limits`: the
-        gateway's k limits the page shows (default: as last read)."""
+        gateway's k limits the page shows (default: as last read); `filter_text`: the filter box."""
         if not image_path:
             return self._finish("image", "no_input", SearchView("Upload or paste an image, then press **Search**."))
         try:
@@ -229,11 +238,16 @@ class SearchHandlers:
         k_sent = self._k(k, limits, previous)
         if isinstance(k_sent, SearchView):
             return self._finish("image", "bad_input", k_sent)
-        return self._call("image", lambda: self.client.search_image(data, k=k_sent),
-                          "for the uploaded image", previous, QueryShown("Results for **the uploaded image**."))
+        conditions = self._conditions(filter_text, previous)
+        if isinstance(conditions, SearchView):
+            return self._finish("image", "bad_input", conditions)
+        wire = filters.to_proto(conditions) if conditions else None
+        return self._call("image", lambda: self.client.search_image(data, k=k_sent, filter=wire),
+                          "for the uploaded image" + _among(conditions), previous,
+                          QueryShown("Results for **the uploaded image**."), filtered=bool(conditions))
 
     def search_url(self, url: str | None, k: Any = None, previous: list[str] | None = None,
-                   limits: KLimits | None = None) -> SearchView:
+                   limits: KLimits | None = None, filter_text: str | None = None) -> SearchView:
         """Search by the image at an http(s) URL, which the gateway downloads (under its SSRF rules)."""
         url = (url or "").strip()
         if not url:
@@ -244,13 +258,18 @@ class SearchHandlers:
         k_sent = self._k(k, limits, previous)
         if isinstance(k_sent, SearchView):
             return self._finish("url", "bad_input", k_sent)
+        conditions = self._conditions(filter_text, previous)
+        if isinstance(conditions, SearchView):
+            return self._finish("url", "bad_input", conditions)
+        wire = filters.to_proto(conditions) if conditions else None
         # the query box is emptied: the image at the URL is the gateway's to fetch, not the UI's
         query = QueryShown(f"Results for **the image at** {md(shown)}", None, replace_image=True)
-        return self._call("url", lambda: self.client.search_url(url, k=k_sent),
-                          f"for the image at {md(shown)}", previous, query)
+        return self._call("url", lambda: self.client.search_url(url, k=k_sent, filter=wire),
+                          f"for the image at {md(shown)}" + _among(conditions), previous, query,
+                          filtered=bool(conditions))
 
     def search_id(self, item_id: str, k: Any = None, previous: list[str] | None = None, rank: int | None = None,
-                  limits: KLimits | None = None) -> SearchView:
+                  limits: KLimits | None = None, filter_text: str | None = None) -> SearchView:
         """Search by an indexed item (what clicking a result does). The query panel then shows that
         item: its image (when it is a local image the UI may show) and its full id."""
         if not item_id:
@@ -258,19 +277,25 @@ class SearchHandlers:
         k_sent = self._k(k, limits, previous)
         if isinstance(k_sent, SearchView):
             return self._finish("id", "bad_input", k_sent)
-        what = f"similar to item {md(item_id)}" + (f" (result #{rank} of the previous search)" if rank else "")
+        conditions = self._conditions(filter_text, previous)
+        if isinstance(conditions, SearchView):
+            return self._finish("id", "bad_input", conditions)
+        wire = filters.to_proto(conditions) if conditions else None
+        what = (f"similar to item {md(item_id)}" + (f" (result #{rank} of the previous search)" if rank else "")
+                + _among(conditions))
         query = QueryShown(f"Results for **item** {md(item_id)}" + (f" (result #{rank} of the previous search)" if rank else "")
                            + ".", None, replace_image=True)
-        return self._call("id", lambda: self.client.search_id(item_id, k=k_sent), what, previous, query,
-                          query_id=item_id)
+        return self._call("id", lambda: self.client.search_id(item_id, k=k_sent, filter=wire), what, previous, query,
+                          query_id=item_id, filtered=bool(conditions))
 
     def select_hit(self, item_ids: list[str] | None, index: Any, k: Any = None,
-                   limits: KLimits | None = None) -> SearchView:
+                   limits: KLimits | None = None, filter_text: str | None = None) -> SearchView:
         """A click on result number `index` (0-based) of the gallery showing `item_ids`."""
         item_ids = list(item_ids or [])
         if not isinstance(index, int) or not 0 <= index < len(item_ids):
             return self._finish("id", "no_input", SearchView("That result is no longer on the page; search again."))
-        return self.search_id(item_ids[index], k, previous=item_ids, rank=index + 1, limits=limits)
+        return self.search_id(item_ids[index], k, previous=item_ids, rank=index + 1, limits=limits,
+                              filter_text=filter_text)
 
     # ------------------------------------------------------------------ status
     def status(self) -> str:
@@ -324,13 +349,23 @@ class SearchHandlers:
         return value
 
     @staticmethod
+    def _conditions(filter_text: str | None, previous: list[str] | None) -> filters.Filter | SearchView:
+        """The filter box's conditions (() when it is empty); a refusal in a sentence when one is malformed."""
+        try:
+            return filters.parse_filter(filter_text or "")
+        except filters.FilterError as error:
+            note = " The results below are from the previous search." if previous else ""
+            return SearchView(f"⚠️ **Not searched.** The filter cannot be used: {md(error)}. Write conditions "
+                              f"like `country=fr; year>=2010; tag in a,b; taken<2020-01-31`.{note}")
+
+    @staticmethod
     def _refused(reason: str, limits: KLimits, previous: list[str] | None) -> str:
         note = " The results below are from the previous search." if previous else ""
         hint = f" Pick a k from 1 to {limits.max_k}." if limits.from_gateway else ""
         return f"⚠️ **Not searched.** {reason}{hint}{note}"
 
     def _call(self, kind: str, call, what: str, previous: list[str] | None, query: QueryShown | None = None,
-              query_id: str | None = None) -> SearchView:
+              query_id: str | None = None, filtered: bool = False) -> SearchView:
         start = time.perf_counter()
         try:
             response = call()
@@ -346,7 +381,7 @@ class SearchHandlers:
         elapsed = time.perf_counter() - start
         metrics.SEARCH_SECONDS.labels(kind).observe(elapsed)
         try:
-            view = self._results(response, what, elapsed, query, query_id)
+            view = self._results(response, what, elapsed, query, query_id, filtered)
         except Exception:  # noqa: BLE001
             log.exception("could not show the results of a search (%s)", kind)
             return self._finish(kind, "error", SearchView(self._failed(
@@ -354,7 +389,7 @@ class SearchHandlers:
         return self._finish(kind, "ok", view)
 
     def _results(self, response: Any, what: str, elapsed: float, query: QueryShown | None = None,
-                 query_id: str | None = None) -> SearchView:
+                 query_id: str | None = None, filtered: bool = False) -> SearchView:
         gallery, ids, unavailable = [], [], []
         for rank, hit in enumerate(response.hits, start=1):
             media = self.policy.resolve(hit.url)
@@ -374,7 +409,8 @@ class SearchHandlers:
         if count:
             message = f"**{count} result{'s' if count != 1 else ''}** {what}, best first. Click one to search by it."
         else:
-            message = f"**No results** {what}: the index is empty."
+            why = "no indexed item meets the filter" if filtered else "the index is empty"
+            message = f"**No results** {what}: {why}."
         if unavailable:
             message += (f" {len(unavailable)} image{'s' if len(unavailable) != 1 else ''} cannot be shown "
                         "(not under the UI's media roots, or not a usable URL).")
@@ -390,6 +426,11 @@ class SearchHandlers:
     def _finish(kind: str, outcome: str, view: SearchView) -> SearchView:
         metrics.SEARCHES.labels(kind, outcome).inc()
         return view
+
+
+def _among(conditions: filters.Filter) -> str:
+    """What a search's message adds for its filter ("" without one)."""
+    return f" among items with {md(filters.describe(conditions))}" if conditions else ""
 
 
 def _code_name(error: grpc.RpcError) -> str:

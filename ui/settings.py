@@ -29,6 +29,8 @@ class UiSettings(BaseSettings):
         default_factory=list, description="folders whose images may be shown (the collection's local images)"
     )
     request_timeout_s: float = Field(60.0, gt=0, description="deadline of one call to the gateway")
+    duplicates_timeout_s: float = Field(
+        600.0, gt=0, description="deadline of a search for duplicates (a pass over the whole collection)")
     max_upload_mb: float = Field(16.0, gt=0, description="largest image a user may upload, MiB")
     concurrency: int = Field(8, ge=1, description="searches the UI runs at once (more wait in Gradio's queue)")
     log_level: str = Field("INFO", description="DEBUG, INFO, WARNING or ERROR")

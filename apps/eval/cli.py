@@ -38,6 +38,10 @@ def _eval_options(function):
         click.option("--pca", "pca_dimension", type=click.IntRange(min=0), default=None,
                      help="PCA dimension, 0 = off [default: as `cbir index build`]."),
         click.option("--pca-whiten/--no-pca-whiten", default=None, help="[default: as `cbir index build`]"),
+        click.option("--verify-top", type=click.IntRange(min=0, max=1000), default=100, show_default=True,
+                     help="Candidates verified with local features per query (the indexer's VERIFY_TOP; 0 = none)."),
+        click.option("--region-k", type=click.IntRange(min=0, max=100), default=10, show_default=True,
+                     help="Nearest items of each query region vector verified too (the indexer's VERIFY_REGION_K)."),
         click.option("--k", "depth", type=click.IntRange(min=1), default=100,
                      help="Results retrieved per query (mAP counts relevant images beyond it as missed)."),
         click.option("--recall-k", type=click.IntRange(min=1), default=50,
@@ -96,7 +100,8 @@ _GALLERY_SIZES = click.option(
 
 
 def _eval_build_options(model, weights, feature, pooling, gem_p, scales, embedder_target, metric, trees, pca_dimension,
-                        pca_whiten, depth, recall_k, search_ks, seed, cache_dir, no_progress, settings=()):
+                        pca_whiten, depth, recall_k, search_ks, seed, cache_dir, no_progress, settings=(),
+                        verify_top=100, region_k=10):
     from apps.eval.embedding import ModelSpec
     from apps.eval.indexes import IndexSpec
     from apps.eval.run import EvalOptions
@@ -112,6 +117,7 @@ def _eval_build_options(model, weights, feature, pooling, gem_p, scales, embedde
         metric=metric or defaults.METRIC, trees=trees or defaults.TREES,
         pca=defaults.PCA_DIMENSION if pca_dimension is None else pca_dimension,
         whiten=defaults.PCA_WHITEN if pca_whiten is None else pca_whiten,
+        verify_top=verify_top, region_k=region_k,
     )
     return EvalOptions(model=spec, index=index_spec, embedder_target=embedder_target, depth=depth, recall_k=recall_k,
                        search_ks=list(search_ks) or None, seed=seed, cache_dir=cache_dir, progress=not no_progress)

@@ -83,6 +83,7 @@ class ModelData:
     info: object  # ModelInfo
     vectors: dict[str, np.ndarray]
     local: dict[str, tuple[bytes, bytes]]
+    regions: dict[str, np.ndarray]
     ms_per_image: float | None
     originals: list[str]
     distractors: list[str]
@@ -114,7 +115,7 @@ def _embed_model(spec: ModelSpec, items, distractor_items, options: CompareOptio
     members, _ = effective_groups(groups, set(group_keys))
     summary = vectors.summary()
     data = ModelData(
-        spec=spec, info=vectors.info, vectors=vectors.vectors, local=vectors.local, ms_per_image=summary["ms_per_image"],
+        spec=spec, info=vectors.info, vectors=vectors.vectors, local=vectors.local, regions=vectors.regions, ms_per_image=summary["ms_per_image"],
         originals=[item.item_id for item in good],
         distractors=[DISTRACTOR_PREFIX + d.item_id for d in distractor_items if DISTRACTOR_PREFIX + d.item_id in vectors.vectors],
         queries=[q for q in queries if q[0] in vectors.vectors], group_members=members, group_keys=group_keys,
@@ -126,7 +127,7 @@ def _embed_model(spec: ModelSpec, items, distractor_items, options: CompareOptio
 
 def _prefixed(groups: Groups, prefix: str) -> Groups:
     return Groups([prefix + k for k in groups.keys], {prefix + k: g for k, g in groups.group_of.items()},
-                  [Job(prefix + job.key, job.load) for job in groups.jobs], groups.warnings, groups.dataset_of)
+                  [Job(prefix + job.key, job.load, job.query) for job in groups.jobs], groups.warnings, groups.dataset_of)
 
 
 def _release_model() -> None:
@@ -156,7 +157,7 @@ def evaluate_config(data: ModelData, spec: IndexSpec, scratch: pathlib.Path, opt
     row["index_bytes_per_item"] = 0.0
     if data.queries:
         _copies_part(row, data, spec, folder, copies_ids, options, ann)
-    built = BuiltIndex(folder / "groups", groups_ids, np.stack([data.vectors[k] for k in groups_ids]), data.info, spec, data.local)
+    built = BuiltIndex(folder / "groups", groups_ids, np.stack([data.vectors[k] for k in groups_ids]), data.info, spec, data.local, data.regions)
     try:
         groups = evaluate_groups(built, data.vectors, data.group_members, depth=options.depth,
                                  dataset_of=data.dataset_of)
@@ -181,7 +182,7 @@ def evaluate_config(data: ModelData, spec: IndexSpec, scratch: pathlib.Path, opt
 
 
 def _copies_part(row, data, spec, folder, copies_ids, options, ann) -> None:
-    built = BuiltIndex(folder / "copies", copies_ids, np.stack([data.vectors[k] for k in copies_ids]), data.info, spec, data.local)
+    built = BuiltIndex(folder / "copies", copies_ids, np.stack([data.vectors[k] for k in copies_ids]), data.info, spec, data.local, data.regions)
     try:
         copies = evaluate_copies(built, data.vectors, data.queries, depth=options.depth, families=options.edits)
         row["copies"] = {key: value for key, value in copies.items() if key != "per_query"}

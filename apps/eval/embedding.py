@@ -133,27 +133,28 @@ def make_embedding(spec: ModelSpec, embedder_target: str | None = None):
     """A `apps.ingest.embedding` LocalEmbedding (VGG-16 here) or RemoteEmbedding (the embedder service)."""
     from apps.ingest.embedding import LocalEmbedding, RemoteEmbedding
 
-    # mirrored: any image may be a query, and a query sends its mirror's local features too
+    # queries: any image may be a query, and a query sends its mirror's local features and region vectors
     if embedder_target:
-        return RemoteEmbedding(embedder_target, parallel_batches=2, mirrored=True)
+        return RemoteEmbedding(embedder_target, parallel_batches=2, queries=True)
     from services.embedder.embedder import Embedder
 
     embedder = Embedder.from_settings(spec.settings())
     embedder.warm_up()  # tracing is not an image's cost
-    return LocalEmbedding(embedder, mirrored=True)
+    return LocalEmbedding(embedder, queries=True)
 
 
 # ------------------------------------------------------------------------------------- embedding
 
 
 class VectorCache:
-    """Vectors (and local features, with their mirror's) of one model (by fingerprint) keyed by the sha256
-    of the encoded image, kept on disk."""
+    """Vectors (and local features, with their mirror's, and a query's region vectors) of one model (by
+    fingerprint) keyed by the sha256 of the encoded image, kept on disk."""
 
     def __init__(self, folder: pathlib.Path | None, fingerprint: str):
         self.path = None if folder is None else pathlib.Path(folder).expanduser() / f"{fingerprint}.npz"
         self._vectors: dict[str, np.ndarray] = {}
         self._local: dict[str, tuple[bytes, bytes]] = {}
+        self._regions: dict[str, np.ndarray] = {}
         self._dirty = 0
         self.ms_per_image: float | None = None
         if self.path is not None and self.path.exists():
@@ -165,18 +166,24 @@ class VectorCache:
                         pairs = zip(unpack_blobs(data["local"], data["local_offsets"]),
                                     unpack_blobs(data["mirrored"], data["mirrored_offsets"]))
                         self._local = dict(zip(keys, pairs))
+                    if "region_keys" in data:
+                        rows = np.split(data["region_rows"], np.cumsum(data["region_counts"])[:-1])
+                        self._regions = dict(zip(data["region_keys"].tolist(), rows))
                     if "ms_per_image" in data:
                         self.ms_per_image = float(data["ms_per_image"])
             except (OSError, KeyError, ValueError) as error:
                 log.warning("ignoring the unreadable vector cache %s: %s", self.path, error)
 
-    def get(self, digest: str) -> tuple[np.ndarray, tuple[bytes, bytes]] | None:
+    def get(self, digest: str) -> tuple[np.ndarray, tuple[bytes, bytes], np.ndarray | None] | None:
         vector = self._vectors.get(digest)
-        return None if vector is None else (vector, self._local.get(digest, (b"", b"")))
+        return None if vector is None else (vector, self._local.get(digest, (b"", b"")), self._regions.get(digest))
 
-    def put(self, digest: str, vector: np.ndarray, local: tuple[bytes, bytes] = (b"", b"")) -> None:
+    def put(self, digest: str, vector: np.ndarray, local: tuple[bytes, bytes] = (b"", b""),
+            regions: np.ndarray | None = None) -> None:
         self._vectors[digest] = vector
         self._local[digest] = local
+        if regions is not None:
+            self._regions[digest] = regions
         self._dirty += 1
 
     def save(self) -> None:
@@ -189,6 +196,11 @@ class VectorCache:
         local, local_offsets = pack_blobs([self._local.get(k, (b"", b""))[0] for k in keys])
         mirrored, mirrored_offsets = pack_blobs([self._local.get(k, (b"", b""))[1] for k in keys])
         extra |= dict(local=local, local_offsets=local_offsets, mirrored=mirrored, mirrored_offsets=mirrored_offsets)
+        if self._regions:
+            region_keys = list(self._regions)
+            extra |= dict(region_keys=np.array(region_keys),
+                          region_rows=np.concatenate([self._regions[k] for k in region_keys]),
+                          region_counts=np.array([len(self._regions[k]) for k in region_keys]))
         with open(tmp, "wb") as handle:
             np.savez(handle, keys=np.array(keys), vectors=np.stack([self._vectors[k] for k in keys]), **extra)
         tmp.replace(self.path)
@@ -201,12 +213,14 @@ class Job:
 
     key: str
     load: Callable[[], bytes]
+    query: bool = False  # a query of the protocol: needs its region vectors (a cached vector without them is redone)
 
 
 @dataclasses.dataclass
 class Embedded:
     vectors: dict[str, np.ndarray]
     local: dict[str, tuple[bytes, bytes]]  # local features and its mirror's, when the model has them
+    regions: dict[str, np.ndarray]  # region vectors of the query jobs, when the model has them
     rejects: dict[str, str]
     embedded: int  # images that went through the model in this run (not from the cache)
     model_seconds: float  # time spent embedding those (decode + model)
@@ -221,14 +235,18 @@ def embed_jobs(jobs: Sequence[Job], embedding, *, cache: VectorCache | None = No
     """Embed every job once: loads and decodes in threads, VGG-16 in batches; failures become rejects."""
     vectors: dict[str, np.ndarray] = {}
     local: dict[str, tuple[bytes, bytes]] = {}
+    regions: dict[str, np.ndarray] = {}
     rejects: dict[str, str] = {}
     embedded, model_seconds = 0, 0.0
+    needs_regions = getattr(embedding, "gives_regions", False)
 
     def prepare(job: Job):
         try:
             data = job.load()
             digest = hashlib.sha256(data).hexdigest()
             cached = cache.get(digest) if cache is not None else None
+            if cached is not None and job.query and needs_regions and cached[2] is None:
+                cached = None  # cached before region vectors existed: this query is embedded again
             if cached is not None:
                 return job, digest, None, cached, None
             return job, digest, embedding.prepare(data), None, None
@@ -251,9 +269,11 @@ def embed_jobs(jobs: Sequence[Job], embedding, *, cache: VectorCache | None = No
             vector = np.asarray(result.vector, dtype=np.float32)
             vectors[job.key] = vector
             local[job.key] = (result.local, result.local_mirrored)
+            if result.regions is not None:
+                regions[job.key] = result.regions
             embedded += 1
             if cache is not None:
-                cache.put(digest, vector, local[job.key])
+                cache.put(digest, vector, local[job.key], result.regions)
         if cache is not None and cache._dirty >= 256:
             cache.save()
 
@@ -270,7 +290,9 @@ def embed_jobs(jobs: Sequence[Job], embedding, *, cache: VectorCache | None = No
             if reason is not None:
                 rejects[job.key] = reason
             elif cached is not None:
-                vectors[job.key], local[job.key] = cached
+                vectors[job.key], local[job.key], found = cached
+                if found is not None:
+                    regions[job.key] = found
             else:
                 # decode time is part of an image's cost, as in the embedder service
                 batch.append((job, digest, prepared))
@@ -283,6 +305,6 @@ def embed_jobs(jobs: Sequence[Job], embedding, *, cache: VectorCache | None = No
         if embedded:
             cache.ms_per_image = 1000.0 * model_seconds / embedded
         cache.save()
-    return Embedded(vectors, local, rejects, embedded, model_seconds)
+    return Embedded(vectors, local, regions, rejects, embedded, model_seconds)
 
 

@@ -23,20 +23,23 @@ class IndexSpec:
     pca: int = 0
     whiten: bool = False
     verify_top: int = 100  # the indexer's CBIR_INDEXER_VERIFY_TOP (used when the model has local features)
+    region_k: int = 10  # the indexer's CBIR_INDEXER_VERIFY_REGION_K
 
     @property
     def label(self) -> str:
         pca = f", pca {self.pca}{' whitened' if self.whiten else ''}" if self.pca else ""
-        return f"{self.metric}, {self.trees} trees{pca}, verify top {self.verify_top}"
+        return f"{self.metric}, {self.trees} trees{pca}, verify top {self.verify_top}, region k {self.region_k}"
 
 
 class BuiltIndex:
     """A real bundle written to a scratch folder and opened with the indexer's SearchIndex."""
 
     def __init__(self, root: pathlib.Path, ids: list[str], vectors: np.ndarray, model_info, spec: IndexSpec,
-                 local: Mapping[str, tuple[bytes, bytes]] | None = None):
+                 local: Mapping[str, tuple[bytes, bytes]] | None = None,
+                 regions: Mapping[str, np.ndarray] | None = None):
         """`local`: key -> (local features, of the mirror image) of the gallery items and of the queries, when
-        the model has them: the bundle stores the items', `search` sends the queries' (as the gateway does)."""
+        the model has them: the bundle stores the items', `search` sends the queries' (as the gateway does),
+        with the queries' `regions` (key -> region vectors)."""
         from cbir.bundle import open_bundle, write_bundle
         from services.indexer.index import SearchIndex
         from services.indexer.verification import Verification
@@ -44,6 +47,7 @@ class BuiltIndex:
         self.spec = spec
         self.root = root
         self.local = local if local and model_info.local_features else None
+        self.regions = regions or {}
         stored = {} if self.local is None else dict(
             local_features=[self.local.get(i, (b"", b""))[0] for i in ids], local_features_kind=model_info.local_features)
         started = time.perf_counter()
@@ -54,7 +58,7 @@ class BuiltIndex:
         )
         self.build_seconds = time.perf_counter() - started
         self.bundle = open_bundle(root)  # checks the bundle as the indexer does
-        self.index = SearchIndex(self.bundle, max_k=max(1000, len(ids)), verification=Verification(top=spec.verify_top))
+        self.index = SearchIndex(self.bundle, max_k=max(1000, len(ids)), verification=Verification(top=spec.verify_top, region_k=spec.region_k))
         self.item_count = len(ids)
         self.last_hits: list = []
         self.row_of = {item_id: row for row, item_id in enumerate(ids)}
@@ -76,7 +80,8 @@ class BuiltIndex:
             blobs = self.local.get(keys[i], ()) if self.local is not None and keys is not None else ()
             started = time.perf_counter()
             local = [from_bytes(blob) for blob in blobs if blob]
-            hits = self.index.query_vector(vector, k=k, search_k=search_k, local=local)
+            regions = self.regions.get(keys[i], ()) if keys is not None else ()
+            hits = self.index.query_vector(vector, k=k, search_k=search_k, local=local, regions=regions)
             seconds.append(time.perf_counter() - started)
             ranked.append([hit.item_id for hit in hits])
             self.last_hits.append(hits)

@@ -64,8 +64,8 @@ def list_collection(source: str | pathlib.Path) -> list[SourceItem]:
     return items
 
 
-def file_job(item: SourceItem, key: str | None = None) -> Job:
-    return Job(key or item.item_id, lambda: read_bytes(item, max_bytes=MAX_IMAGE_BYTES))
+def file_job(item: SourceItem, key: str | None = None, query: bool = False) -> Job:
+    return Job(key or item.item_id, lambda: read_bytes(item, max_bytes=MAX_IMAGE_BYTES), query)
 
 
 def edit_job(item: SourceItem, edit: str, seed: int, params: dict[str, dict]) -> Job:
@@ -81,7 +81,7 @@ def edit_job(item: SourceItem, edit: str, seed: int, params: dict[str, dict]) ->
         params[key] = result.params
         return result.data
 
-    return Job(key, load)
+    return Job(key, load, query=True)
 
 
 def copy_job(item: SourceItem, family: str, seed: int, params: dict[str, dict], backgrounds=()) -> Job:
@@ -98,7 +98,7 @@ def copy_job(item: SourceItem, family: str, seed: int, params: dict[str, dict], 
         params[key] = copy.params
         return copy.data
 
-    return Job(key, load)
+    return Job(key, load, query=True)
 
 
 def background_loader(item: SourceItem, max_side: int = 640):
@@ -171,7 +171,8 @@ def groups_from_source(source: str | pathlib.Path, group_column: str = "group",
                  else f"without a value in column {group_column!r}")
         warnings.append(f"{ungrouped} of {len(items)} images are {where}: they are indexed as distractors, "
                         f"never queried")
-    return Groups([item.item_id for item in items], group_of, [file_job(item) for item in items], warnings, dataset_of)
+    jobs = [file_job(item, query=group_of[item.item_id] is not None) for item in items]
+    return Groups([item.item_id for item in items], group_of, jobs, warnings, dataset_of)
 
 
 def groups_from_edits(items: list[SourceItem], size: int, edits: Sequence[str], seed: int,
@@ -190,7 +191,7 @@ def groups_from_edits(items: list[SourceItem], size: int, edits: Sequence[str], 
         chosen = sorted(rng.choice(len(edits), size=size - 1, replace=False))
         keys.append(item.item_id)
         group_of[item.item_id] = item.item_id
-        jobs.append(file_job(item))
+        jobs.append(file_job(item, query=True))
         for index in chosen:
             job = edit_job(item, edits[index], seed, params)
             keys.append(job.key)

@@ -67,6 +67,7 @@ class _Vectors:
         self.cache = VectorCache(options.cache_dir, self.info.fingerprint) if options.cache_dir else None
         self.vectors: dict[str, np.ndarray] = {}
         self.local: dict[str, tuple[bytes, bytes]] = {}
+        self.regions: dict[str, np.ndarray] = {}
         self.rejects: dict[str, str] = {}
         self.embedded = 0
         self.model_seconds = 0.0
@@ -77,6 +78,7 @@ class _Vectors:
                             progress=self.options.progress, desc=desc)
         self.vectors.update(result.vectors)
         self.local.update(result.local)
+        self.regions.update(result.regions)
         self.rejects.update(result.rejects)
         self.embedded += result.embedded
         self.model_seconds += result.model_seconds
@@ -156,7 +158,7 @@ def _at_gallery_sizes(core: list[str], extra: list[str], sizes, options: EvalOpt
     rows = []
     for label, count, ids in gallery_levels(core, extra, sizes, options.seed):
         built = BuiltIndex(scratch / f"gallery-{count}", ids, np.stack([vectors.vectors[k] for k in ids]),
-                           vectors.info, options.index, vectors.local)
+                           vectors.info, options.index, vectors.local, vectors.regions)
         try:
             rows.append({"distractors": label, "distractor_count": count, "gallery": len(ids)} | evaluate(built))
         finally:
@@ -246,7 +248,7 @@ def run_copies(source, options: EvalOptions, *, families: Sequence[str] | None =
                                    families=names, details=details)
 
         built = BuiltIndex(scratch / "bundle", indexed, np.stack([vectors.vectors[k] for k in indexed]),
-                           vectors.info, options.index, vectors.local)
+                           vectors.info, options.index, vectors.local, vectors.regions)
         try:
             copies = evaluate(built, details=True)
             for row in copies["per_query"]:
@@ -326,7 +328,7 @@ def run_groups(source, options: EvalOptions, *, from_edits: int = 0, group_colum
                                    dataset_of=groups.dataset_of, details=details)
 
         built = BuiltIndex(scratch / "bundle", indexed, np.stack([vectors.vectors[k] for k in indexed]),
-                           vectors.info, options.index, vectors.local)
+                           vectors.info, options.index, vectors.local, vectors.regions)
         try:
             evaluated = evaluate(built, details=True)
             queries = np.stack([vectors.vectors[key] for keys in members.values() for key in keys])

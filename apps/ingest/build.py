@@ -1,6 +1,9 @@
 """`cbir index build`: list the collection, read and decode images in parallel, embed them in
 batches, keep every vector with its id in resumable shards, then write an index bundle.
 
+With `pdqhash` installed (`cbir[pdq]`), every image's PDQ hashes are made where it is read and stored
+in the bundle (`pdq.npy`), for the duplicate finder.
+
 Bad images never stop a build: they go to the rejects file with the reason. Failures that may pass
 (a download that timed out, HTTP 503) are reported there too but not remembered, so the next run
 tries them again; permanent ones (not an image, HTTP 404, too large) are remembered in the shards.
@@ -31,6 +34,7 @@ import time
 import numpy as np
 from tqdm import tqdm
 
+from cbir import pdq
 from cbir.bundle import InvalidBundleInput, open_bundle, read_deleted, write_bundle
 from cbir.bundle.ann import index_choice_problem
 from cbir.bundle.faiss_index import size_problem
@@ -126,6 +130,7 @@ class _Base:
     vectors: np.ndarray
     row: dict[str, int]
     local: list[bytes] | None  # per item, when the live version stores local features
+    pdq: np.ndarray | None  # PDQ records per item, when the live version stores them
 
 
 def _load_base(out: pathlib.Path, fingerprint: str) -> _Base:
@@ -143,9 +148,10 @@ def _load_base(out: pathlib.Path, fingerprint: str) -> _Base:
         records = list(bundle.iter_items())
         vectors = bundle.features()  # memory-mapped: only the rows kept are copied, once
         local = [bundle.local.get(i) for i in range(len(records))] if bundle.local is not None else None
+        hashes = np.array(bundle.pdq) if bundle.pdq is not None else None
         return _Base(
             bundle.version, [r.item_id for r in records], [r.url for r in records], [r.metadata for r in records],
-            vectors, {r.item_id: i for i, r in enumerate(records)}, local,
+            vectors, {r.item_id: i for i, r in enumerate(records)}, local, hashes,
         )
     finally:
         bundle.close()
@@ -177,7 +183,7 @@ def _build(source, out: pathlib.Path, embedding, options: BuildOptions) -> Build
 
     base = _load_base(out, embedding.info.fingerprint) if options.incremental else None
     store = ShardStore(out / ".work" / embedding.info.fingerprint, options.shard_size)
-    vectors, rejects, local = store.load()
+    vectors, rejects, local, hashes = store.load()
     from_shards = len(vectors)
     known = base.row if base is not None else {}
     todo = [item for item in items if item.item_id not in vectors and item.item_id not in rejects
@@ -187,14 +193,17 @@ def _build(source, out: pathlib.Path, embedding, options: BuildOptions) -> Build
 
     transient: dict[str, str] = {}
     downloader = _downloader(options) if any(is_remote(item.location) for item in todo) else None
+    pdqhash = pdq.load_pdqhash()
     try:
         with tqdm(total=len(items), initial=len(items) - len(todo), unit="img", desc="embedding",
                   disable=not options.progress, dynamic_ncols=True) as bar:
-            for item, embedded, reason, passing in _embed_all(todo, embedding, options, downloader):
+            for item, result, reason, passing in _embed_all(todo, embedding, options, downloader, pdqhash):
                 if reason is None:
+                    embedded, record = result
                     vectors[item.item_id] = embedded.vector
                     local[item.item_id] = embedded.local
-                    store.add(item.item_id, embedded.vector, embedded.local)
+                    hashes[item.item_id] = record
+                    store.add(item.item_id, embedded.vector, embedded.local, record)
                 elif passing:
                     transient[item.item_id] = reason
                 else:
@@ -206,7 +215,7 @@ def _build(source, out: pathlib.Path, embedding, options: BuildOptions) -> Build
         if downloader is not None:
             downloader.close()
 
-    ids, urls, metadata, base_rows, new_rows, local_rows = [], [], [], [], [], []
+    ids, urls, metadata, base_rows, new_rows, local_rows, pdq_rows = [], [], [], [], [], [], []
     if base is not None:  # old items first, in their order; a source row may update url/metadata
         source_items = {item.item_id: item for item in items}
         for i, item_id in enumerate(base.ids):
@@ -218,6 +227,7 @@ def _build(source, out: pathlib.Path, embedding, options: BuildOptions) -> Build
             metadata.append(item.metadata if item else base.metadata[i])
             base_rows.append(i)
             local_rows.append(base.local[i] if base.local is not None else b"")
+            pdq_rows.append(base.pdq[i] if base.pdq is not None else pdq.empty(1)[0])
     for item in items:
         if item.item_id in vectors and item.item_id not in known:
             ids.append(item.item_id)
@@ -225,6 +235,7 @@ def _build(source, out: pathlib.Path, embedding, options: BuildOptions) -> Build
             metadata.append(item.metadata)
             new_rows.append(vectors[item.item_id])
             local_rows.append(local.get(item.item_id, b""))
+            pdq_rows.append(hashes.get(item.item_id, pdq.empty(1)[0]))
     parts = []
     if base_rows:
         parts.append(np.asarray(base.vectors[np.asarray(base_rows)], dtype=np.float32))
@@ -248,6 +259,7 @@ def _build(source, out: pathlib.Path, embedding, options: BuildOptions) -> Build
         pca_whiten=options.pca_whiten,
         source=str(source) + (f" (added to {base.version})" if base is not None else ""),
         **_local_features(embedding.info, base, local_rows),
+        pdq=np.array(pdq_rows, dtype=pdq.RECORD) if pdqhash is not None else None,
     )
     store.remove()
     embedded = len(vectors) - from_shards
@@ -276,28 +288,31 @@ def _downloader(options: BuildOptions) -> Downloader:
     )
 
 
-def _embed_all(items: list[SourceItem], embedding, options: BuildOptions, downloader: Downloader | None):
-    """Yield (item, Embedded, None, False) or (item, None, reason, transient) for every item, in order."""
+def _embed_all(items: list[SourceItem], embedding, options: BuildOptions, downloader: Downloader | None,
+               pdqhash=None):
+    """Yield (item, (Embedded, PDQ record), None, False) or (item, None, reason, transient) for every item, in
+    order; the record is made while the image is read (one without a hash when `pdqhash` is None)."""
 
     def prepare(item: SourceItem):
         try:
             data = read_bytes(item, max_bytes=options.max_image_bytes, timeout_s=options.fetch_timeout_s,
                               downloader=downloader)
-            return item, embedding.prepare(data), None, False
+            payload = embedding.prepare(data)
+            return item, (payload, pdq.hash_bytes(pdqhash, data) if pdqhash else pdq.empty(1)[0]), None, False
         except FetchError as error:
             return item, None, str(error), error.transient
         except BadImage as error:
             return item, None, str(error), False
 
     def embed(batch):
-        good = [(item, payload) for item, payload, reason, _ in batch if reason is None]
-        results = iter(embedding.embed([payload for _, payload in good]) if good else [])
+        good = [(item, prepared) for item, prepared, reason, _ in batch if reason is None]
+        results = iter(embedding.embed([payload for _, (payload, _) in good]) if good else [])
         out = []
-        for item, payload, reason, passing in batch:
+        for item, prepared, reason, passing in batch:
             if reason is None:
                 result = next(results)
                 reason = result if isinstance(result, str) else None
-                out.append((item, None if reason else result, reason, False))
+                out.append((item, None if reason else (result, prepared[1]), reason, False))
             else:
                 out.append((item, None, reason, passing))
         return out

@@ -3,7 +3,9 @@
 Both do the same two steps: `prepare` (runs in worker threads, in parallel: decode and local
 features for the local model, nothing for the service, which does both itself) and `embed` (one
 batch), which gives each image an `Embedded` (its vector, and its local features when the model
-has them: `info.local_features`) or the reason it was refused.
+has them: `info.local_features`) or the reason it was refused. Made `queries=True` (the evaluation,
+where any image may be a query), each also carries what a query sends the indexer: its mirror's
+local features and its region vectors.
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ BUILD_RETRY = Retry({EMBEDDER_SERVICE: ("Embed", "GetModelInfo")}, codes=("UNAVA
 class Embedded(NamedTuple):
     vector: np.ndarray
     local: bytes = b""  # cbir.local_features bytes; b"" when the model has none
-    local_mirrored: bytes = b""  # of the mirror image, when the embedding was made with mirrored=True
+    local_mirrored: bytes = b""  # of the mirror image, when the embedding was made with queries=True
+    regions: np.ndarray | None = None  # (R, D) region vectors, when made with queries=True and the model has them
 
 
 class LocalEmbedding:
@@ -36,18 +39,22 @@ class LocalEmbedding:
 
     parallel_batches = 1  # one model; decoding overlaps with it in the prepare threads
 
-    def __init__(self, embedder, mirrored: bool = False):
-        """`mirrored`: also the local features of each image's mirror (what a query sends; the evaluation)."""
+    def __init__(self, embedder, queries: bool = False):
+        """`queries`: also each image's mirror's local features and region vectors (what a query sends)."""
         self._embedder = embedder
-        self._mirrored = mirrored
+        self._queries = queries
         self.info: common_pb2.ModelInfo = embedder.info
+        self.gives_regions = queries and embedder.has_regions
 
     def prepare(self, data: bytes) -> tuple[np.ndarray, list[bytes]]:
         pixels = self._embedder.decode(data)
-        return pixels, self._embedder.local_features(pixels, mirrored=self._mirrored)
+        return pixels, self._embedder.local_features(pixels, mirrored=self._queries)
 
     def embed(self, prepared: list[tuple[np.ndarray, list[bytes]]]) -> list[Embedded | str]:
         pixels = [p for p, _ in prepared]
+        if self._queries and self._embedder.has_regions:
+            rows = self._embedder.embed_pixels(pixels, regions=True)
+            return [Embedded(row[0], *local, regions=row[1:]) for row, (_, local) in zip(rows, prepared)]
         vectors = self._embedder.embed_pixels(pixels if self._embedder.keep_aspect else np.stack(pixels))
         return [Embedded(vector, *local) for vector, (_, local) in zip(vectors, prepared)]
 
@@ -56,13 +63,14 @@ class RemoteEmbedding:
     """The embedder service; several batches in flight reach every replica (round_robin)."""
 
     def __init__(self, target: str, *, parallel_batches: int = 4, timeout_s: float = 300.0,
-                 tls: ClientTls | None = None, mirrored: bool = False):
+                 tls: ClientTls | None = None, queries: bool = False):
         self.parallel_batches = parallel_batches
-        self._mirrored = mirrored
+        self._queries = queries
         self._timeout_s = timeout_s
         self._channel = open_channel(target, tls=tls, max_message_bytes=256 * 1024 * 1024, retry=BUILD_RETRY)
         self._stub = embedder_pb2_grpc.EmbedderStub(self._channel)
         self.info = self._call(self._stub.GetModelInfo, embedder_pb2.GetModelInfoRequest()).model
+        self.gives_regions = queries and ";source=" in self.info.pooling  # a descriptor model (`descriptor_name`)
 
     def prepare(self, data: bytes) -> bytes:
         if not data:
@@ -71,7 +79,8 @@ class RemoteEmbedding:
 
     def embed(self, prepared: list[bytes]) -> list[Embedded | str]:
         local = bool(self.info.local_features)
-        request = embedder_pb2.EmbedRequest(images=prepared, local_features=local, mirrored=local and self._mirrored)
+        request = embedder_pb2.EmbedRequest(images=prepared, local_features=local, mirrored=local and self._queries,
+                                            regions=self._queries)
         response = self._call(self._stub.Embed, request)
         if response.model_fingerprint != self.info.fingerprint:
             raise RuntimeError(
@@ -79,7 +88,8 @@ class RemoteEmbedding:
                 f"{response.model_fingerprint}); start the build again"
             )
         return [result.error or Embedded(vectors.from_proto(result.vector), result.local_features,
-                                         result.local_features_mirrored) for result in response.results]
+                                         result.local_features_mirrored, _regions(result))
+                for result in response.results]
 
     def _call(self, method, request):
         """One call; retries are gRPC's (BUILD_RETRY). wait_for_ready: a replica starting up is waited for."""
@@ -90,3 +100,7 @@ class RemoteEmbedding:
 
     def close(self) -> None:
         self._channel.close()
+
+
+def _regions(result: embedder_pb2.EmbedResult) -> np.ndarray | None:
+    return np.stack([vectors.from_proto(region) for region in result.regions]) if result.regions else None

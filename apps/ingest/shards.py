@@ -3,7 +3,7 @@
 A build writes a shard every `shard_size` items (atomically: temp file, fsync, then rename). Started
 again after a crash, it loads the shards and embeds only what is missing. Rejected items are
 recorded too, so they are not retried on every resume. Each item's local features (bytes, for
-geometric verification) are stored beside its vector. A kill during a write leaves at most a
+geometric verification) and PDQ hashes (`cbir.pdq.RECORD`) are stored beside its vector. A kill during a write leaves at most a
 temporary file, removed on the next load; a shard that cannot be read (a damaged disk) is set aside
 with a warning and its items are embedded again. Ids are keys: an item is never counted twice.
 """
@@ -18,6 +18,7 @@ import shutil
 
 import numpy as np
 
+from cbir import pdq
 from cbir.bundle.local_store import pack_blobs, unpack_blobs
 
 log = logging.getLogger(__name__)
@@ -31,14 +32,16 @@ class ShardStore:
         self._ids: list[str] = []
         self._vectors: list[np.ndarray] = []
         self._local: list[bytes] = []
+        self._pdq: list[np.ndarray] = []
         self._rejected_ids: list[str] = []
         self._reasons: list[str] = []
 
-    def load(self) -> tuple[dict[str, np.ndarray], dict[str, str], dict[str, bytes]]:
-        """Vectors, rejects and local features already stored by an earlier, interrupted run."""
+    def load(self) -> tuple[dict[str, np.ndarray], dict[str, str], dict[str, bytes], dict[str, np.ndarray]]:
+        """Vectors, rejects, local features and PDQ records already stored by an earlier, interrupted run."""
         vectors: dict[str, np.ndarray] = {}
         rejects: dict[str, str] = {}
         local: dict[str, bytes] = {}
+        hashes: dict[str, np.ndarray] = {}
         for leftover in self.folder.glob(".tmp-*"):
             leftover.unlink(missing_ok=True)  # a write that a kill interrupted
         for shard in self._shards():
@@ -51,6 +54,9 @@ class ShardStore:
                     blob, offsets = data["local"], data["local_offsets"]
                     if offsets.shape != (len(ids) + 1,) or int(offsets[-1]) != blob.size:
                         raise ValueError(f"local features for {offsets.size - 1} of {len(ids)} items")
+                    records = data["pdq"] if "pdq" in data else pdq.empty(len(ids))  # older shards have none
+                    if records.shape != (len(ids),) or records.dtype != pdq.RECORD:
+                        raise ValueError(f"PDQ records {records.dtype} {records.shape} for {len(ids)} items")
             except Exception as error:  # noqa: BLE001 - whatever a damaged file raises
                 log.warning("shard %s is unreadable (%s): set aside, its items will be embedded again", shard, error)
                 shard.rename(shard.with_name(f".damaged-{shard.name}"))
@@ -58,15 +64,17 @@ class ShardStore:
             vectors.update(zip(ids, rows))
             rejects.update(zip(rejected, reasons))
             local.update(zip(ids, unpack_blobs(blob, offsets)))
-        return vectors, rejects, local
+            hashes.update(zip(ids, records))
+        return vectors, rejects, local, hashes
 
     def _shards(self) -> list[pathlib.Path]:
         return sorted(p for p in self.folder.glob("shard-*.npz") if _SHARD_RE.match(p.name))
 
-    def add(self, item_id: str, vector: np.ndarray, local: bytes = b"") -> None:
+    def add(self, item_id: str, vector: np.ndarray, local: bytes = b"", hashes: np.ndarray | None = None) -> None:
         self._ids.append(item_id)
         self._vectors.append(vector)
         self._local.append(local)
+        self._pdq.append(hashes if hashes is not None else pdq.empty(1)[0])
         self._maybe_flush()
 
     def add_reject(self, item_id: str, reason: str) -> None:
@@ -97,6 +105,7 @@ class ShardStore:
                 reasons=np.array(self._reasons, dtype=str),
                 local=local,
                 local_offsets=local_offsets,
+                pdq=np.array(self._pdq, dtype=pdq.RECORD).reshape(len(self._ids)),
             )
             handle.flush()
             os.fsync(handle.fileno())
@@ -106,7 +115,7 @@ class ShardStore:
             os.fsync(fd)  # the rename itself survives a power cut
         finally:
             os.close(fd)
-        self._ids, self._vectors, self._local, self._rejected_ids, self._reasons = [], [], [], [], []
+        self._ids, self._vectors, self._local, self._pdq, self._rejected_ids, self._reasons = [], [], [], [], [], []
 
     def remove(self) -> None:
         """Delete the shards (once the bundle holds them), and the work folder if nothing else is in it."""

@@ -3,7 +3,7 @@ folder per version, immutable once written (`manifest.json` describing it with e
 the index — Annoy's `index.ann`, or `index.faiss` for the faiss index types, behind one interface,
 `ann.AnnIndex` — the item table `items.sqlite`, the input vectors `features.npy`, and
 `pca.npz` when PCA is used, `local_features.bin` + `local_offsets.npy` when the items' local
-features are kept for geometric verification), a `current` file naming the live version, and the deletion list
+features are kept for geometric verification, `pdq.npy` when PDQ hashes are), a `current` file naming the live version, and the deletion list
 `deleted.txt`; see `layout` for the names, `writing` and `opening` for how a version is written and
 verified, `versions` for the root's bookkeeping. Everything other code uses is importable from here."""
 
@@ -26,6 +26,7 @@ from cbir.bundle.layout import (
     MANIFEST_FILE,
     METRICS,
     PCA_FILE,
+    PDQ_FILE,
     index_file,
 )
 from cbir.bundle.manifest import FileEntry, Manifest, PcaSpec, model_to_dict
@@ -59,6 +60,7 @@ __all__ = [
     "MANIFEST_FILE",
     "METRICS",
     "PCA_FILE",
+    "PDQ_FILE",
     "SEARCH_K_FACTOR",
     "AnnIndex",
     "Bundle",

@@ -15,6 +15,10 @@ Conventions every backend keeps, so that the indexer never needs to know which o
   concurrent queries with different efforts never share a setting;
 - `hidden` item ids never come back, and a search still returns n hits when the index has n
   others (Annoy asks for more neighbours; faiss leaves them out inside the search);
+- with `allowed` (`cbir.bundle.subset.ItemSubset`: the items a metadata filter allows, less the
+  hidden ones), only those items come back, n of them when there are n: faiss searches within them
+  (an IDSelectorBitmap), Annoy asks for more neighbours; both search the allowed items exactly, from
+  the stored vectors, when they are fewer than the vectors the ANN search would compare;
 - queries run concurrently from many threads on one opened index, and release the GIL.
 """
 
@@ -25,6 +29,7 @@ from typing import Protocol
 import numpy as np
 
 from cbir.bundle.layout import FAISS_INDEX_TYPES, FAISS_METRICS, INDEX_TYPES
+from cbir.bundle.subset import ItemSubset
 
 Hits = tuple[list[int], list[float]]  # (item numbers, distances), best first
 
@@ -45,14 +50,15 @@ class AnnIndex(Protocol):
         is asked: what the search really uses (never less than it needs to return n)."""
         ...
 
-    def search(self, vector: np.ndarray, n: int, effort: int = 0, hidden: frozenset[int] = frozenset()) -> Hits:
-        """The n items nearest to the index vector `vector`, best first, none of them in `hidden`
-        (fewer only when the index holds fewer others)."""
+    def search(self, vector: np.ndarray, n: int, effort: int = 0, hidden: frozenset[int] = frozenset(),
+               allowed: ItemSubset | None = None) -> Hits:
+        """The n items nearest to the index vector `vector`, best first, none of them in `hidden`, all of them
+        in `allowed` when given (fewer only when the index holds fewer such items)."""
         ...
 
     def search_by_item(self, item: int, n: int, effort: int = 0, hidden: frozenset[int] = frozenset(),
-                       exclude_self: bool = False) -> Hits:
-        """The n items nearest to item `item` (itself first at distance 0, unless `exclude_self`)."""
+                       exclude_self: bool = False, allowed: ItemSubset | None = None) -> Hits:
+        """The n items nearest to item `item` (itself first at distance 0, unless `exclude_self` or not `allowed`)."""
         ...
 
     def item_vector(self, item: int) -> np.ndarray | None:

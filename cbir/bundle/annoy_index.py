@@ -1,16 +1,26 @@
 """The Annoy file `index.ann`: built straight into the file with a fixed seed, and loaded read-only
 by mmap after a size check that catches a manifest whose metric or dimension does not fit it.
-`AnnoyBackend` serves it through the bundle's index interface (`cbir.bundle.ann.AnnIndex`)."""
+`AnnoyBackend` serves it through the bundle's index interface (`cbir.bundle.ann.AnnIndex`).
+
+A filtered search (`allowed`: the items a metadata filter allows) cannot happen inside Annoy: when the
+allowed items are fewer than the candidates Annoy would inspect to find enough of them (search_k
+raised by 1 / their share of the items), they are searched exactly from the bundle's stored vectors
+(`cbir.bundle.exact`), which is then faster and exact; otherwise Annoy is asked for proportionally
+more neighbours (and candidates), the allowed ones kept, twice as many again while too few are left."""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 from annoy import AnnoyIndex
 
 from cbir.bundle.ann import Hits
+from cbir.bundle.exact import nearest_in
 from cbir.bundle.layout import REBUILD
+from cbir.bundle.subset import ItemSubset
 from cbir.errors import BundleError
 
 # Annoy's seed: builds of the same vectors with the same number of threads give the same trees.
@@ -68,8 +78,11 @@ class AnnoyBackend:
 
     index_type = "annoy"
 
-    def __init__(self, index: AnnoyIndex, trees: int, default_search_k: int):
+    def __init__(self, index: AnnoyIndex, trees: int, default_search_k: int, *, metric: str,
+                 reference: Callable[[np.ndarray], np.ndarray]):
         self.annoy = index  # the AnnoyIndex itself, for tools that measure Annoy alone
+        self._metric = metric
+        self._reference = reference  # item numbers -> their index vectors (the bundle's features, projected)
         self._trees = trees
         self._default = default_search_k
         self._count = index.get_n_items()
@@ -89,13 +102,18 @@ class AnnoyBackend:
             requested = max(self._default, self._trees * n)
         return int(min(requested, self._exhaustive))
 
-    def search(self, vector: np.ndarray, n: int, effort: int = 0, hidden: frozenset[int] = frozenset()) -> Hits:
+    def search(self, vector: np.ndarray, n: int, effort: int = 0, hidden: frozenset[int] = frozenset(),
+               allowed: ItemSubset | None = None) -> Hits:
+        if allowed is not None:
+            return self._among(np.asarray(vector, dtype=np.float32), n, effort, allowed)
         return self._nearest(
             lambda m, sk: self.annoy.get_nns_by_vector(vector, m, search_k=sk, include_distances=True),
             n, effort, hidden)
 
     def search_by_item(self, item: int, n: int, effort: int = 0, hidden: frozenset[int] = frozenset(),
-                       exclude_self: bool = False) -> Hits:
+                       exclude_self: bool = False, allowed: ItemSubset | None = None) -> Hits:
+        if allowed is not None:
+            return self._among(self.item_vector(item), n, effort, allowed, drop=item if exclude_self else None)
         if exclude_self:
             hidden = hidden | {item}
         return self._nearest(
@@ -120,6 +138,32 @@ class AnnoyBackend:
             if len(ids) >= n or m >= total:
                 return ids[:n], distances[:n]
             m = min(2 * m, total)
+
+    def _among(self, vector: np.ndarray, n: int, effort: int, allowed: ItemSubset, drop: int | None = None) -> Hits:
+        """The n nearest of the `allowed` items (which leave the hidden ones out already), without `drop`."""
+        wanted = n + (drop is not None and bool(allowed.mask[drop]))
+        fraction = allowed.fraction
+        if not len(allowed):
+            return [], []
+        search_k = min(self._exhaustive, math.ceil(self.effort(wanted, effort) / fraction))
+        ids: list[int] = []
+        if len(allowed) > search_k and wanted < len(allowed):
+            m = min(self._count, math.ceil(2 * wanted / fraction))
+            while m < self._count:
+                search_k = max(search_k, min(self._exhaustive, self._trees * m))
+                found, distances = self.annoy.get_nns_by_vector(vector, m, search_k=search_k, include_distances=True)
+                keep = allowed.allows(found) if found else np.zeros(0, dtype=bool)
+                if keep.sum() >= wanted:
+                    ids = [i for i, k in zip(found, keep) if k]
+                    distances = [d for d, k in zip(distances, keep) if k]
+                    break
+                m, search_k = 2 * m, min(self._exhaustive, 2 * search_k)
+        if len(ids) < wanted:  # few allowed items (reading them is cheaper), or Annoy could not find enough
+            ids, distances = nearest_in(vector, allowed, self._reference, self._metric, wanted)
+        if drop is not None:
+            kept = [(i, d) for i, d in zip(ids, distances) if i != drop]
+            ids, distances = [i for i, _ in kept], [d for _, d in kept]
+        return ids[:n], distances[:n]
 
     def item_vector(self, item: int) -> np.ndarray:
         return np.asarray(self.annoy.get_item_vector(item), dtype=np.float32)

@@ -116,6 +116,20 @@ class ItemTable:
                 yield _record(row)
             last = rows[-1][0]
 
+    def field_values(self, field: str) -> list:
+        """Every item's value of one metadata field, in Annoy id order (None where the item lacks it). SQLite
+        reads the field out of the JSON (json_extract), so only that field's values reach Python."""
+        path = f'$."{field}"'  # a quoted key: dots and spaces in field names are plain characters
+        rows = self.connection().execute("SELECT json_extract(metadata, ?) FROM items ORDER BY annoy_id", (path,))
+        return [value for (value,) in rows]
+
+    def field_names(self) -> list[str]:
+        """The metadata fields of the items, sorted (one pass over the whole table)."""
+        rows = self.connection().execute(
+            "SELECT DISTINCT j.key FROM items, json_each(items.metadata) AS j WHERE items.metadata IS NOT NULL"
+        )
+        return sorted(key for (key,) in rows)
+
     def close(self) -> bool:
         """Close every connection; False if it was closed already."""
         with self._lock:

@@ -27,6 +27,8 @@ PCA_FILE = "pca.npz"
 # Geometric verification: every item's local features, and where each starts (cbir.bundle.local_store).
 LOCAL_FEATURES_FILE = "local_features.bin"
 LOCAL_OFFSETS_FILE = "local_offsets.npy"
+# Every item's PDQ perceptual hashes (cbir.pdq.RECORD), when `pdqhash` made them at build time.
+PDQ_FILE = "pdq.npy"
 CURRENT_FILE = "current"
 # Next to the versions: item ids removed from the collection, one per line. The indexer hides them
 # from results as soon as the file changes; the next build leaves them out.

@@ -15,6 +15,7 @@ from cbir.bundle.items import ItemRecord, ItemTable
 from cbir.bundle.layout import FEATURES_FILE, ITEMS_FILE, index_file
 from cbir.bundle.local_store import LocalFeatureStore
 from cbir.bundle.manifest import Manifest
+from cbir.bundle.metadata import MetadataColumns
 from cbir.bundle.versions import deleted_list_path
 from cbir.pca import Pca
 
@@ -28,18 +29,22 @@ class Bundle:
     - `pca`: the fitted `cbir.pca.Pca`, or None;
     - item lookups (`items_by_annoy_ids`, `find_items`) through a read-only SQLite connection per thread;
     - `features()`: the input vectors, memory-mapped;
-    - `local`: the items' local features for geometric verification (`LocalFeatureStore`), or None.
+    - `local`: the items' local features for geometric verification (`LocalFeatureStore`), or None;
+    - `metadata`: the items' metadata as columns, to evaluate metadata filters (`MetadataColumns`);
+    - `pdq`: the items' PDQ hashes (`cbir.pdq.RECORD`, memory-mapped), or None when the build made none.
     """
 
     def __init__(self, path: Path, root: Path | None, manifest: Manifest, index: AnnIndex, pca: Pca | None,
-                 local: LocalFeatureStore | None = None):
+                 local: LocalFeatureStore | None = None, pdq: np.ndarray | None = None):
         self.path = path
         self.root = root
         self.manifest = manifest
         self.index = index
         self.pca = pca
         self.local = local
+        self.pdq = pdq
         self._items = ItemTable(path, ITEMS_FILE)
+        self.metadata = MetadataColumns(self._items, manifest.item_count, where=f"bundle {manifest.version}")
 
     @property
     def version(self) -> str:

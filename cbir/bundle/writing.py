@@ -22,6 +22,7 @@ from cbir.bundle.files import fsync_path, sha256_of
 from cbir.bundle.inputs import BundleInputs, InvalidBundleInput, validate_inputs
 from cbir.bundle.items import write_items
 from cbir.bundle.local_store import write_local_features
+from cbir.bundle.pdq_store import write_pdq
 from cbir.bundle.layout import (
     FAISS_INDEX_FILE,
     FEATURES_FILE,
@@ -33,6 +34,7 @@ from cbir.bundle.layout import (
     MANIFEST_FILE,
     METRICS,
     PCA_FILE,
+    PDQ_FILE,
     is_version_name,
 )
 from cbir.bundle.manifest import FileEntry, Manifest, PcaSpec, model_to_dict
@@ -67,6 +69,7 @@ def write_bundle(
     local_features_kind: str = "",
     index_type: str = "annoy",
     index_params: Mapping[str, int] | None = None,
+    pdq: np.ndarray | None = None,
 ) -> Path:
     """Write a new bundle version under `root` and (by default) point `root/current` at it.
 
@@ -81,6 +84,7 @@ def write_bundle(
     `index.faiss` — "hnsw", "hnsw-sq8", "ivfpq" (angular or euclidean only; see
     `cbir.bundle.faiss_index` for them and for the `index_params` each takes, e.g.
     {"m": 16, "ef_search": 64}; the default effort, ef_search or nprobe, becomes default_search_k).
+    `pdq` (one `cbir.pdq.RECORD` per row) is stored for the duplicate finder.
     Returns the version folder. Raises `InvalidBundleInput` (a `BundleError` and a `ValueError`)
     for bad arguments; on any failure nothing is left behind under a version name.
     """
@@ -99,6 +103,8 @@ def write_bundle(
     if local_features is not None and (len(local_features) != len(inputs.ids) or not local_features_kind):
         raise InvalidBundleInput(f"{len(local_features)} local features for {len(inputs.ids)} items (one per item, "
                                  "with local_features_kind naming them)")
+    if pdq is not None and len(pdq) != len(inputs.ids):
+        raise InvalidBundleInput(f"{len(pdq)} PDQ records for {len(inputs.ids)} items (one per item)")
     root = Path(root)
     _check_new_version(root, version)
     root.mkdir(parents=True, exist_ok=True)
@@ -107,6 +113,8 @@ def write_bundle(
         pca = _write_data_files(scratch, inputs, metric, trees, pca_dimension, bool(pca_whiten), index_type, params)
         if local_features is not None:
             write_local_features(scratch, local_features)
+        if pdq is not None:
+            write_pdq(scratch, pdq)
         unnamed = Manifest(
             format_version=FORMAT_VERSION, name=root.resolve().name, version="", created_at="",
             model=model_to_dict(model), input_dimension=inputs.dimension,
@@ -162,7 +170,7 @@ def _file_entries(scratch: Path) -> dict[str, FileEntry]:
     """Size and sha256 of each data file, each fsynced first."""
     files = {}
     for name in (INDEX_FILE, FAISS_INDEX_FILE, ITEMS_FILE, FEATURES_FILE, PCA_FILE, LOCAL_FEATURES_FILE,
-                 LOCAL_OFFSETS_FILE):
+                 LOCAL_OFFSETS_FILE, PDQ_FILE):
         path = scratch / name
         if path.exists():
             fsync_path(path)

@@ -1,7 +1,7 @@
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Mapping as _Mapping
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
@@ -113,3 +113,41 @@ class IndexInfo(_message.Message):
     verify_top: int
     index_type: str
     def __init__(self, item_count: _Optional[int] = ..., dimension: _Optional[int] = ..., input_dimension: _Optional[int] = ..., metric: _Optional[str] = ..., trees: _Optional[int] = ..., model_fingerprint: _Optional[str] = ..., model: _Optional[_Union[ModelInfo, _Mapping]] = ..., bundle_version: _Optional[str] = ..., bundle_path: _Optional[str] = ..., created_at: _Optional[str] = ..., pca_dimension: _Optional[int] = ..., pca_whiten: _Optional[bool] = ..., default_search_k: _Optional[int] = ..., local_features: _Optional[str] = ..., verify_top: _Optional[int] = ..., index_type: _Optional[str] = ...) -> None: ...
+
+class Filter(_message.Message):
+    __slots__ = ("conditions",)
+    CONDITIONS_FIELD_NUMBER: _ClassVar[int]
+    conditions: _containers.RepeatedCompositeFieldContainer[Condition]
+    def __init__(self, conditions: _Optional[_Iterable[_Union[Condition, _Mapping]]] = ...) -> None: ...
+
+class Condition(_message.Message):
+    __slots__ = ("field", "equals", "one_of", "number", "date")
+    FIELD_FIELD_NUMBER: _ClassVar[int]
+    EQUALS_FIELD_NUMBER: _ClassVar[int]
+    ONE_OF_FIELD_NUMBER: _ClassVar[int]
+    NUMBER_FIELD_NUMBER: _ClassVar[int]
+    DATE_FIELD_NUMBER: _ClassVar[int]
+    field: str
+    equals: str
+    one_of: ValueSet
+    number: Range
+    date: Range
+    def __init__(self, field: _Optional[str] = ..., equals: _Optional[str] = ..., one_of: _Optional[_Union[ValueSet, _Mapping]] = ..., number: _Optional[_Union[Range, _Mapping]] = ..., date: _Optional[_Union[Range, _Mapping]] = ...) -> None: ...
+
+class ValueSet(_message.Message):
+    __slots__ = ("values",)
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    values: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, values: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class Range(_message.Message):
+    __slots__ = ("min", "max", "min_exclusive", "max_exclusive")
+    MIN_FIELD_NUMBER: _ClassVar[int]
+    MAX_FIELD_NUMBER: _ClassVar[int]
+    MIN_EXCLUSIVE_FIELD_NUMBER: _ClassVar[int]
+    MAX_EXCLUSIVE_FIELD_NUMBER: _ClassVar[int]
+    min: str
+    max: str
+    min_exclusive: bool
+    max_exclusive: bool
+    def __init__(self, min: _Optional[str] = ..., max: _Optional[str] = ..., min_exclusive: _Optional[bool] = ..., max_exclusive: _Optional[bool] = ...) -> None: ...

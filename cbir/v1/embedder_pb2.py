@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from cbir.v1 import common_pb2 as cbir_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x63\x62ir/v1/embedder.proto\x12\x07\x63\x62ir.v1\x1a\x14\x63\x62ir/v1/common.proto\"H\n\x0c\x45mbedRequest\x12\x0e\n\x06images\x18\x01 \x03(\x0c\x12\x16\n\x0elocal_features\x18\x02 \x01(\x08\x12\x10\n\x08mirrored\x18\x03 \x01(\x08\"v\n\x0b\x45mbedResult\x12\x1f\n\x06vector\x18\x01 \x01(\x0b\x32\x0f.cbir.v1.Vector\x12\r\n\x05\x65rror\x18\x02 \x01(\t\x12\x16\n\x0elocal_features\x18\x03 \x01(\x0c\x12\x1f\n\x17local_features_mirrored\x18\x04 \x01(\x0c\"Q\n\rEmbedResponse\x12%\n\x07results\x18\x01 \x03(\x0b\x32\x14.cbir.v1.EmbedResult\x12\x19\n\x11model_fingerprint\x18\x02 \x01(\t\"\x15\n\x13GetModelInfoRequest\"9\n\x14GetModelInfoResponse\x12!\n\x05model\x18\x01 \x01(\x0b\x32\x12.cbir.v1.ModelInfo2\x8f\x01\n\x08\x45mbedder\x12\x36\n\x05\x45mbed\x12\x15.cbir.v1.EmbedRequest\x1a\x16.cbir.v1.EmbedResponse\x12K\n\x0cGetModelInfo\x12\x1c.cbir.v1.GetModelInfoRequest\x1a\x1d.cbir.v1.GetModelInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x63\x62ir/v1/embedder.proto\x12\x07\x63\x62ir.v1\x1a\x14\x63\x62ir/v1/common.proto\"Y\n\x0c\x45mbedRequest\x12\x0e\n\x06images\x18\x01 \x03(\x0c\x12\x16\n\x0elocal_features\x18\x02 \x01(\x08\x12\x10\n\x08mirrored\x18\x03 \x01(\x08\x12\x0f\n\x07regions\x18\x04 \x01(\x08\"\x98\x01\n\x0b\x45mbedResult\x12\x1f\n\x06vector\x18\x01 \x01(\x0b\x32\x0f.cbir.v1.Vector\x12\r\n\x05\x65rror\x18\x02 \x01(\t\x12\x16\n\x0elocal_features\x18\x03 \x01(\x0c\x12\x1f\n\x17local_features_mirrored\x18\x04 \x01(\x0c\x12 \n\x07regions\x18\x05 \x03(\x0b\x32\x0f.cbir.v1.Vector\"Q\n\rEmbedResponse\x12%\n\x07results\x18\x01 \x03(\x0b\x32\x14.cbir.v1.EmbedResult\x12\x19\n\x11model_fingerprint\x18\x02 \x01(\t\"\x15\n\x13GetModelInfoRequest\"9\n\x14GetModelInfoResponse\x12!\n\x05model\x18\x01 \x01(\x0b\x32\x12.cbir.v1.ModelInfo2\x8f\x01\n\x08\x45mbedder\x12\x36\n\x05\x45mbed\x12\x15.cbir.v1.EmbedRequest\x1a\x16.cbir.v1.EmbedResponse\x12K\n\x0cGetModelInfo\x12\x1c.cbir.v1.GetModelInfoRequest\x1a\x1d.cbir.v1.GetModelInfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,15 +33,15 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'cbir.v1.embedder_pb2', _glo
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_EMBEDREQUEST']._serialized_start=57
-  _globals['_EMBEDREQUEST']._serialized_end=129
-  _globals['_EMBEDRESULT']._serialized_start=131
-  _globals['_EMBEDRESULT']._serialized_end=249
-  _globals['_EMBEDRESPONSE']._serialized_start=251
-  _globals['_EMBEDRESPONSE']._serialized_end=332
-  _globals['_GETMODELINFOREQUEST']._serialized_start=334
-  _globals['_GETMODELINFOREQUEST']._serialized_end=355
-  _globals['_GETMODELINFORESPONSE']._serialized_start=357
-  _globals['_GETMODELINFORESPONSE']._serialized_end=414
-  _globals['_EMBEDDER']._serialized_start=417
-  _globals['_EMBEDDER']._serialized_end=560
+  _globals['_EMBEDREQUEST']._serialized_end=146
+  _globals['_EMBEDRESULT']._serialized_start=149
+  _globals['_EMBEDRESULT']._serialized_end=301
+  _globals['_EMBEDRESPONSE']._serialized_start=303
+  _globals['_EMBEDRESPONSE']._serialized_end=384
+  _globals['_GETMODELINFOREQUEST']._serialized_start=386
+  _globals['_GETMODELINFOREQUEST']._serialized_end=407
+  _globals['_GETMODELINFORESPONSE']._serialized_start=409
+  _globals['_GETMODELINFORESPONSE']._serialized_end=466
+  _globals['_EMBEDDER']._serialized_start=469
+  _globals['_EMBEDDER']._serialized_end=612
 # @@protoc_insertion_point(module_scope)

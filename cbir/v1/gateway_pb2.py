@@ -23,43 +23,44 @@ _sym_db = _symbol_database.Default()
 
 
 from cbir.v1 import common_pb2 as cbir_dot_v1_dot_common__pb2
+from cbir.v1 import duplicates_pb2 as cbir_dot_v1_dot_duplicates__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x63\x62ir/v1/gateway.proto\x12\x07\x63\x62ir.v1\x1a\x14\x63\x62ir/v1/common.proto\"U\n\x14SearchByImageRequest\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\t\n\x01k\x18\x02 \x01(\r\x12\x10\n\x08search_k\x18\x03 \x01(\x03\x12\x11\n\tmin_score\x18\x04 \x01(\x02\"Q\n\x07Timings\x12\x10\n\x08\x65mbed_ms\x18\x01 \x01(\x01\x12\x10\n\x08index_ms\x18\x02 \x01(\x01\x12\x10\n\x08total_ms\x18\x03 \x01(\x01\x12\x10\n\x08\x66\x65tch_ms\x18\x04 \x01(\x01\"n\n\x15SearchByImageResponse\x12\x1a\n\x04hits\x18\x01 \x03(\x0b\x32\x0c.cbir.v1.Hit\x12\x16\n\x0e\x62undle_version\x18\x02 \x01(\t\x12!\n\x07timings\x18\x03 \x01(\x0b\x32\x10.cbir.v1.Timings\"j\n\x11SearchByIdRequest\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\t\n\x01k\x18\x02 \x01(\r\x12\x10\n\x08search_k\x18\x03 \x01(\x03\x12\x14\n\x0c\x65xclude_self\x18\x04 \x01(\x08\x12\x11\n\tmin_score\x18\x05 \x01(\x02\"k\n\x12SearchByIdResponse\x12\x1a\n\x04hits\x18\x01 \x03(\x0b\x32\x0c.cbir.v1.Hit\x12\x16\n\x0e\x62undle_version\x18\x02 \x01(\t\x12!\n\x07timings\x18\x03 \x01(\x0b\x32\x10.cbir.v1.Timings\"Q\n\x12SearchByUrlRequest\x12\x0b\n\x03url\x18\x01 \x01(\t\x12\t\n\x01k\x18\x02 \x01(\r\x12\x10\n\x08search_k\x18\x03 \x01(\x03\x12\x11\n\tmin_score\x18\x04 \x01(\x02\"\x97\x01\n\x13SearchByUrlResponse\x12\x1a\n\x04hits\x18\x01 \x03(\x0b\x32\x0c.cbir.v1.Hit\x12\x16\n\x0e\x62undle_version\x18\x02 \x01(\t\x12!\n\x07timings\x18\x03 \x01(\x0b\x32\x10.cbir.v1.Timings\x12\x13\n\x0bimage_bytes\x18\x04 \x01(\x04\x12\x14\n\x0c\x63ontent_type\x18\x05 \x01(\t\"\x12\n\x10GetStatusRequest\"k\n\x0eUpstreamStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06target\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x04 \x01(\t\x12\x0f\n\x07\x63hannel\x18\x05 \x01(\t\x12\x0b\n\x03tls\x18\x06 \x01(\x08\"\xcb\x01\n\x11GetStatusResponse\x12*\n\tupstreams\x18\x01 \x03(\x0b\x32\x17.cbir.v1.UpstreamStatus\x12!\n\x05model\x18\x02 \x01(\x0b\x32\x12.cbir.v1.ModelInfo\x12!\n\x05index\x18\x03 \x01(\x0b\x32\x12.cbir.v1.IndexInfo\x12\x12\n\ncompatible\x18\x04 \x01(\x08\x12\x0e\n\x06\x64\x65tail\x18\x05 \x01(\t\x12\x11\n\tdefault_k\x18\x06 \x01(\r\x12\r\n\x05max_k\x18\x07 \x01(\r\"H\n\nBatchQuery\x12\x0f\n\x05image\x18\x01 \x01(\x0cH\x00\x12\r\n\x03url\x18\x02 \x01(\tH\x00\x12\x11\n\x07item_id\x18\x03 \x01(\tH\x00\x42\x07\n\x05query\"\x80\x01\n\x12SearchBatchRequest\x12$\n\x07queries\x18\x01 \x03(\x0b\x32\x13.cbir.v1.BatchQuery\x12\t\n\x01k\x18\x02 \x01(\r\x12\x10\n\x08search_k\x18\x03 \x01(\x03\x12\x11\n\tmin_score\x18\x04 \x01(\x02\x12\x14\n\x0c\x65xclude_self\x18\x05 \x01(\x08\"F\n\x0b\x42\x61tchResult\x12\x1a\n\x04hits\x18\x01 \x03(\x0b\x32\x0c.cbir.v1.Hit\x12\r\n\x05\x65rror\x18\x02 \x01(\t\x12\x0c\n\x04\x63ode\x18\x03 \x01(\t\"w\n\x13SearchBatchResponse\x12%\n\x07results\x18\x01 \x03(\x0b\x32\x14.cbir.v1.BatchResult\x12\x16\n\x0e\x62undle_version\x18\x02 \x01(\t\x12!\n\x07timings\x18\x03 \x01(\x0b\x32\x10.cbir.v1.Timings2\xf8\x02\n\x07Gateway\x12N\n\rSearchByImage\x12\x1d.cbir.v1.SearchByImageRequest\x1a\x1e.cbir.v1.SearchByImageResponse\x12\x45\n\nSearchById\x12\x1a.cbir.v1.SearchByIdRequest\x1a\x1b.cbir.v1.SearchByIdResponse\x12H\n\x0bSearchByUrl\x12\x1b.cbir.v1.SearchByUrlRequest\x1a\x1c.cbir.v1.SearchByUrlResponse\x12\x42\n\tGetStatus\x12\x19.cbir.v1.GetStatusRequest\x1a\x1a.cbir.v1.GetStatusResponse\x12H\n\x0bSearchBatch\x12\x1b.cbir.v1.SearchBatchRequest\x1a\x1c.cbir.v1.SearchBatchResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x63\x62ir/v1/gateway.proto\x12\x07\x63\x62ir.v1\x1a\x14\x63\x62ir/v1/common.proto\x1a\x18\x63\x62ir/v1/duplicates.proto\"v\n\x14SearchByImageRequest\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\t\n\x01k\x18\x02 \x01(\r\x12\x10\n\x08search_k\x18\x03 \x01(\x03\x12\x11\n\tmin_score\x18\x04 \x01(\x02\x12\x1f\n\x06\x66ilter\x18\x05 \x01(\x0b\x32\x0f.cbir.v1.Filter\"Q\n\x07Timings\x12\x10\n\x08\x65mbed_ms\x18\x01 \x01(\x01\x12\x10\n\x08index_ms\x18\x02 \x01(\x01\x12\x10\n\x08total_ms\x18\x03 \x01(\x01\x12\x10\n\x08\x66\x65tch_ms\x18\x04 \x01(\x01\"n\n\x15SearchByImageResponse\x12\x1a\n\x04hits\x18\x01 \x03(\x0b\x32\x0c.cbir.v1.Hit\x12\x16\n\x0e\x62undle_version\x18\x02 \x01(\t\x12!\n\x07timings\x18\x03 \x01(\x0b\x32\x10.cbir.v1.Timings\"\x8b\x01\n\x11SearchByIdRequest\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\t\n\x01k\x18\x02 \x01(\r\x12\x10\n\x08search_k\x18\x03 \x01(\x03\x12\x14\n\x0c\x65xclude_self\x18\x04 \x01(\x08\x12\x11\n\tmin_score\x18\x05 \x01(\x02\x12\x1f\n\x06\x66ilter\x18\x06 \x01(\x0b\x32\x0f.cbir.v1.Filter\"k\n\x12SearchByIdResponse\x12\x1a\n\x04hits\x18\x01 \x03(\x0b\x32\x0c.cbir.v1.Hit\x12\x16\n\x0e\x62undle_version\x18\x02 \x01(\t\x12!\n\x07timings\x18\x03 \x01(\x0b\x32\x10.cbir.v1.Timings\"r\n\x12SearchByUrlRequest\x12\x0b\n\x03url\x18\x01 \x01(\t\x12\t\n\x01k\x18\x02 \x01(\r\x12\x10\n\x08search_k\x18\x03 \x01(\x03\x12\x11\n\tmin_score\x18\x04 \x01(\x02\x12\x1f\n\x06\x66ilter\x18\x05 \x01(\x0b\x32\x0f.cbir.v1.Filter\"\x97\x01\n\x13SearchByUrlResponse\x12\x1a\n\x04hits\x18\x01 \x03(\x0b\x32\x0c.cbir.v1.Hit\x12\x16\n\x0e\x62undle_version\x18\x02 \x01(\t\x12!\n\x07timings\x18\x03 \x01(\x0b\x32\x10.cbir.v1.Timings\x12\x13\n\x0bimage_bytes\x18\x04 \x01(\x04\x12\x14\n\x0c\x63ontent_type\x18\x05 \x01(\t\"\x12\n\x10GetStatusRequest\"k\n\x0eUpstreamStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06target\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x04 \x01(\t\x12\x0f\n\x07\x63hannel\x18\x05 \x01(\t\x12\x0b\n\x03tls\x18\x06 \x01(\x08\"\xcb\x01\n\x11GetStatusResponse\x12*\n\tupstreams\x18\x01 \x03(\x0b\x32\x17.cbir.v1.UpstreamStatus\x12!\n\x05model\x18\x02 \x01(\x0b\x32\x12.cbir.v1.ModelInfo\x12!\n\x05index\x18\x03 \x01(\x0b\x32\x12.cbir.v1.IndexInfo\x12\x12\n\ncompatible\x18\x04 \x01(\x08\x12\x0e\n\x06\x64\x65tail\x18\x05 \x01(\t\x12\x11\n\tdefault_k\x18\x06 \x01(\r\x12\r\n\x05max_k\x18\x07 \x01(\r\"H\n\nBatchQuery\x12\x0f\n\x05image\x18\x01 \x01(\x0cH\x00\x12\r\n\x03url\x18\x02 \x01(\tH\x00\x12\x11\n\x07item_id\x18\x03 \x01(\tH\x00\x42\x07\n\x05query\"\xa1\x01\n\x12SearchBatchRequest\x12$\n\x07queries\x18\x01 \x03(\x0b\x32\x13.cbir.v1.BatchQuery\x12\t\n\x01k\x18\x02 \x01(\r\x12\x10\n\x08search_k\x18\x03 \x01(\x03\x12\x11\n\tmin_score\x18\x04 \x01(\x02\x12\x14\n\x0c\x65xclude_self\x18\x05 \x01(\x08\x12\x1f\n\x06\x66ilter\x18\x06 \x01(\x0b\x32\x0f.cbir.v1.Filter\"F\n\x0b\x42\x61tchResult\x12\x1a\n\x04hits\x18\x01 \x03(\x0b\x32\x0c.cbir.v1.Hit\x12\r\n\x05\x65rror\x18\x02 \x01(\t\x12\x0c\n\x04\x63ode\x18\x03 \x01(\t\"w\n\x13SearchBatchResponse\x12%\n\x07results\x18\x01 \x03(\x0b\x32\x14.cbir.v1.BatchResult\x12\x16\n\x0e\x62undle_version\x18\x02 \x01(\t\x12!\n\x07timings\x18\x03 \x01(\x0b\x32\x10.cbir.v1.Timings2\xcd\x03\n\x07Gateway\x12N\n\rSearchByImage\x12\x1d.cbir.v1.SearchByImageRequest\x1a\x1e.cbir.v1.SearchByImageResponse\x12\x45\n\nSearchById\x12\x1a.cbir.v1.SearchByIdRequest\x1a\x1b.cbir.v1.SearchByIdResponse\x12H\n\x0bSearchByUrl\x12\x1b.cbir.v1.SearchByUrlRequest\x1a\x1c.cbir.v1.SearchByUrlResponse\x12\x42\n\tGetStatus\x12\x19.cbir.v1.GetStatusRequest\x1a\x1a.cbir.v1.GetStatusResponse\x12H\n\x0bSearchBatch\x12\x1b.cbir.v1.SearchBatchRequest\x1a\x1c.cbir.v1.SearchBatchResponse\x12S\n\x0e\x46indDuplicates\x12\x1e.cbir.v1.FindDuplicatesRequest\x1a\x1f.cbir.v1.FindDuplicatesResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'cbir.v1.gateway_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_SEARCHBYIMAGEREQUEST']._serialized_start=56
-  _globals['_SEARCHBYIMAGEREQUEST']._serialized_end=141
-  _globals['_TIMINGS']._serialized_start=143
-  _globals['_TIMINGS']._serialized_end=224
-  _globals['_SEARCHBYIMAGERESPONSE']._serialized_start=226
-  _globals['_SEARCHBYIMAGERESPONSE']._serialized_end=336
-  _globals['_SEARCHBYIDREQUEST']._serialized_start=338
-  _globals['_SEARCHBYIDREQUEST']._serialized_end=444
-  _globals['_SEARCHBYIDRESPONSE']._serialized_start=446
-  _globals['_SEARCHBYIDRESPONSE']._serialized_end=553
-  _globals['_SEARCHBYURLREQUEST']._serialized_start=555
-  _globals['_SEARCHBYURLREQUEST']._serialized_end=636
-  _globals['_SEARCHBYURLRESPONSE']._serialized_start=639
-  _globals['_SEARCHBYURLRESPONSE']._serialized_end=790
-  _globals['_GETSTATUSREQUEST']._serialized_start=792
-  _globals['_GETSTATUSREQUEST']._serialized_end=810
-  _globals['_UPSTREAMSTATUS']._serialized_start=812
-  _globals['_UPSTREAMSTATUS']._serialized_end=919
-  _globals['_GETSTATUSRESPONSE']._serialized_start=922
-  _globals['_GETSTATUSRESPONSE']._serialized_end=1125
-  _globals['_BATCHQUERY']._serialized_start=1127
-  _globals['_BATCHQUERY']._serialized_end=1199
-  _globals['_SEARCHBATCHREQUEST']._serialized_start=1202
-  _globals['_SEARCHBATCHREQUEST']._serialized_end=1330
-  _globals['_BATCHRESULT']._serialized_start=1332
-  _globals['_BATCHRESULT']._serialized_end=1402
-  _globals['_SEARCHBATCHRESPONSE']._serialized_start=1404
-  _globals['_SEARCHBATCHRESPONSE']._serialized_end=1523
-  _globals['_GATEWAY']._serialized_start=1526
-  _globals['_GATEWAY']._serialized_end=1902
+  _globals['_SEARCHBYIMAGEREQUEST']._serialized_start=82
+  _globals['_SEARCHBYIMAGEREQUEST']._serialized_end=200
+  _globals['_TIMINGS']._serialized_start=202
+  _globals['_TIMINGS']._serialized_end=283
+  _globals['_SEARCHBYIMAGERESPONSE']._serialized_start=285
+  _globals['_SEARCHBYIMAGERESPONSE']._serialized_end=395
+  _globals['_SEARCHBYIDREQUEST']._serialized_start=398
+  _globals['_SEARCHBYIDREQUEST']._serialized_end=537
+  _globals['_SEARCHBYIDRESPONSE']._serialized_start=539
+  _globals['_SEARCHBYIDRESPONSE']._serialized_end=646
+  _globals['_SEARCHBYURLREQUEST']._serialized_start=648
+  _globals['_SEARCHBYURLREQUEST']._serialized_end=762
+  _globals['_SEARCHBYURLRESPONSE']._serialized_start=765
+  _globals['_SEARCHBYURLRESPONSE']._serialized_end=916
+  _globals['_GETSTATUSREQUEST']._serialized_start=918
+  _globals['_GETSTATUSREQUEST']._serialized_end=936
+  _globals['_UPSTREAMSTATUS']._serialized_start=938
+  _globals['_UPSTREAMSTATUS']._serialized_end=1045
+  _globals['_GETSTATUSRESPONSE']._serialized_start=1048
+  _globals['_GETSTATUSRESPONSE']._serialized_end=1251
+  _globals['_BATCHQUERY']._serialized_start=1253
+  _globals['_BATCHQUERY']._serialized_end=1325
+  _globals['_SEARCHBATCHREQUEST']._serialized_start=1328
+  _globals['_SEARCHBATCHREQUEST']._serialized_end=1489
+  _globals['_BATCHRESULT']._serialized_start=1491
+  _globals['_BATCHRESULT']._serialized_end=1561
+  _globals['_SEARCHBATCHRESPONSE']._serialized_start=1563
+  _globals['_SEARCHBATCHRESPONSE']._serialized_end=1682
+  _globals['_GATEWAY']._serialized_start=1685
+  _globals['_GATEWAY']._serialized_end=2146
 # @@protoc_insertion_point(module_scope)

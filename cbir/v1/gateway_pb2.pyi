@@ -1,4 +1,5 @@
 from cbir.v1 import common_pb2 as _common_pb2
+from cbir.v1 import duplicates_pb2 as _duplicates_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
@@ -8,16 +9,18 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class SearchByImageRequest(_message.Message):
-    __slots__ = ("image", "k", "search_k", "min_score")
+    __slots__ = ("image", "k", "search_k", "min_score", "filter")
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
     SEARCH_K_FIELD_NUMBER: _ClassVar[int]
     MIN_SCORE_FIELD_NUMBER: _ClassVar[int]
+    FILTER_FIELD_NUMBER: _ClassVar[int]
     image: bytes
     k: int
     search_k: int
     min_score: float
-    def __init__(self, image: _Optional[bytes] = ..., k: _Optional[int] = ..., search_k: _Optional[int] = ..., min_score: _Optional[float] = ...) -> None: ...
+    filter: _common_pb2.Filter
+    def __init__(self, image: _Optional[bytes] = ..., k: _Optional[int] = ..., search_k: _Optional[int] = ..., min_score: _Optional[float] = ..., filter: _Optional[_Union[_common_pb2.Filter, _Mapping]] = ...) -> None: ...
 
 class Timings(_message.Message):
     __slots__ = ("embed_ms", "index_ms", "total_ms", "fetch_ms")
@@ -42,18 +45,20 @@ class SearchByImageResponse(_message.Message):
     def __init__(self, hits: _Optional[_Iterable[_Union[_common_pb2.Hit, _Mapping]]] = ..., bundle_version: _Optional[str] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ...) -> None: ...
 
 class SearchByIdRequest(_message.Message):
-    __slots__ = ("item_id", "k", "search_k", "exclude_self", "min_score")
+    __slots__ = ("item_id", "k", "search_k", "exclude_self", "min_score", "filter")
     ITEM_ID_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
     SEARCH_K_FIELD_NUMBER: _ClassVar[int]
     EXCLUDE_SELF_FIELD_NUMBER: _ClassVar[int]
     MIN_SCORE_FIELD_NUMBER: _ClassVar[int]
+    FILTER_FIELD_NUMBER: _ClassVar[int]
     item_id: str
     k: int
     search_k: int
     exclude_self: bool
     min_score: float
-    def __init__(self, item_id: _Optional[str] = ..., k: _Optional[int] = ..., search_k: _Optional[int] = ..., exclude_self: _Optional[bool] = ..., min_score: _Optional[float] = ...) -> None: ...
+    filter: _common_pb2.Filter
+    def __init__(self, item_id: _Optional[str] = ..., k: _Optional[int] = ..., search_k: _Optional[int] = ..., exclude_self: _Optional[bool] = ..., min_score: _Optional[float] = ..., filter: _Optional[_Union[_common_pb2.Filter, _Mapping]] = ...) -> None: ...
 
 class SearchByIdResponse(_message.Message):
     __slots__ = ("hits", "bundle_version", "timings")
@@ -66,16 +71,18 @@ class SearchByIdResponse(_message.Message):
     def __init__(self, hits: _Optional[_Iterable[_Union[_common_pb2.Hit, _Mapping]]] = ..., bundle_version: _Optional[str] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ...) -> None: ...
 
 class SearchByUrlRequest(_message.Message):
-    __slots__ = ("url", "k", "search_k", "min_score")
+    __slots__ = ("url", "k", "search_k", "min_score", "filter")
     URL_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
     SEARCH_K_FIELD_NUMBER: _ClassVar[int]
     MIN_SCORE_FIELD_NUMBER: _ClassVar[int]
+    FILTER_FIELD_NUMBER: _ClassVar[int]
     url: str
     k: int
     search_k: int
     min_score: float
-    def __init__(self, url: _Optional[str] = ..., k: _Optional[int] = ..., search_k: _Optional[int] = ..., min_score: _Optional[float] = ...) -> None: ...
+    filter: _common_pb2.Filter
+    def __init__(self, url: _Optional[str] = ..., k: _Optional[int] = ..., search_k: _Optional[int] = ..., min_score: _Optional[float] = ..., filter: _Optional[_Union[_common_pb2.Filter, _Mapping]] = ...) -> None: ...
 
 class SearchByUrlResponse(_message.Message):
     __slots__ = ("hits", "bundle_version", "timings", "image_bytes", "content_type")
@@ -140,18 +147,20 @@ class BatchQuery(_message.Message):
     def __init__(self, image: _Optional[bytes] = ..., url: _Optional[str] = ..., item_id: _Optional[str] = ...) -> None: ...
 
 class SearchBatchRequest(_message.Message):
-    __slots__ = ("queries", "k", "search_k", "min_score", "exclude_self")
+    __slots__ = ("queries", "k", "search_k", "min_score", "exclude_self", "filter")
     QUERIES_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
     SEARCH_K_FIELD_NUMBER: _ClassVar[int]
     MIN_SCORE_FIELD_NUMBER: _ClassVar[int]
     EXCLUDE_SELF_FIELD_NUMBER: _ClassVar[int]
+    FILTER_FIELD_NUMBER: _ClassVar[int]
     queries: _containers.RepeatedCompositeFieldContainer[BatchQuery]
     k: int
     search_k: int
     min_score: float
     exclude_self: bool
-    def __init__(self, queries: _Optional[_Iterable[_Union[BatchQuery, _Mapping]]] = ..., k: _Optional[int] = ..., search_k: _Optional[int] = ..., min_score: _Optional[float] = ..., exclude_self: _Optional[bool] = ...) -> None: ...
+    filter: _common_pb2.Filter
+    def __init__(self, queries: _Optional[_Iterable[_Union[BatchQuery, _Mapping]]] = ..., k: _Optional[int] = ..., search_k: _Optional[int] = ..., min_score: _Optional[float] = ..., exclude_self: _Optional[bool] = ..., filter: _Optional[_Union[_common_pb2.Filter, _Mapping]] = ...) -> None: ...
 
 class BatchResult(_message.Message):
     __slots__ = ("hits", "error", "code")

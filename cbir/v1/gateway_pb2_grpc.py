@@ -3,6 +3,7 @@
 import grpc
 import warnings
 
+from cbir.v1 import duplicates_pb2 as cbir_dot_v1_dot_duplicates__pb2
 from cbir.v1 import gateway_pb2 as cbir_dot_v1_dot_gateway__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
@@ -60,6 +61,11 @@ class GatewayStub:
                 request_serializer=cbir_dot_v1_dot_gateway__pb2.SearchBatchRequest.SerializeToString,
                 response_deserializer=cbir_dot_v1_dot_gateway__pb2.SearchBatchResponse.FromString,
                 _registered_method=True)
+        self.FindDuplicates = channel.unary_stream(
+                '/cbir.v1.Gateway/FindDuplicates',
+                request_serializer=cbir_dot_v1_dot_duplicates__pb2.FindDuplicatesRequest.SerializeToString,
+                response_deserializer=cbir_dot_v1_dot_duplicates__pb2.FindDuplicatesResponse.FromString,
+                _registered_method=True)
 
 
 class GatewayServicer:
@@ -103,6 +109,15 @@ class GatewayServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def FindDuplicates(self, request, context):
+        """The indexer's FindDuplicates, passed through (duplicates.proto): groups of copies over the whole
+        collection, streamed with progress; bounded by the gateway's duplicates_timeout_s or the caller's
+        deadline. Cancelling the call stops the search on the indexer.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GatewayServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -130,6 +145,11 @@ def add_GatewayServicer_to_server(servicer, server):
                     servicer.SearchBatch,
                     request_deserializer=cbir_dot_v1_dot_gateway__pb2.SearchBatchRequest.FromString,
                     response_serializer=cbir_dot_v1_dot_gateway__pb2.SearchBatchResponse.SerializeToString,
+            ),
+            'FindDuplicates': grpc.unary_stream_rpc_method_handler(
+                    servicer.FindDuplicates,
+                    request_deserializer=cbir_dot_v1_dot_duplicates__pb2.FindDuplicatesRequest.FromString,
+                    response_serializer=cbir_dot_v1_dot_duplicates__pb2.FindDuplicatesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -268,6 +288,33 @@ class Gateway:
             '/cbir.v1.Gateway/SearchBatch',
             cbir_dot_v1_dot_gateway__pb2.SearchBatchRequest.SerializeToString,
             cbir_dot_v1_dot_gateway__pb2.SearchBatchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FindDuplicates(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/cbir.v1.Gateway/FindDuplicates',
+            cbir_dot_v1_dot_duplicates__pb2.FindDuplicatesRequest.SerializeToString,
+            cbir_dot_v1_dot_duplicates__pb2.FindDuplicatesResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -23,35 +23,36 @@ _sym_db = _symbol_database.Default()
 
 
 from cbir.v1 import common_pb2 as cbir_dot_v1_dot_common__pb2
+from cbir.v1 import duplicates_pb2 as cbir_dot_v1_dot_duplicates__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x63\x62ir/v1/indexer.proto\x12\x07\x63\x62ir.v1\x1a\x14\x63\x62ir/v1/common.proto\"\xb9\x01\n\x12QueryVectorRequest\x12\x1f\n\x06vector\x18\x01 \x01(\x0b\x32\x0f.cbir.v1.Vector\x12\t\n\x01k\x18\x02 \x01(\r\x12\x10\n\x08search_k\x18\x03 \x01(\x03\x12\x19\n\x11model_fingerprint\x18\x04 \x01(\t\x12\x16\n\x0elocal_features\x18\x05 \x01(\x0c\x12\x1f\n\x17local_features_mirrored\x18\x06 \x01(\x0c\x12\x11\n\tmin_score\x18\x07 \x01(\x02\"I\n\x13QueryVectorResponse\x12\x1a\n\x04hits\x18\x01 \x03(\x0b\x32\x0c.cbir.v1.Hit\x12\x16\n\x0e\x62undle_version\x18\x02 \x01(\t\"i\n\x10QueryItemRequest\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\t\n\x01k\x18\x02 \x01(\r\x12\x10\n\x08search_k\x18\x03 \x01(\x03\x12\x14\n\x0c\x65xclude_self\x18\x04 \x01(\x08\x12\x11\n\tmin_score\x18\x05 \x01(\x02\"G\n\x11QueryItemResponse\x12\x1a\n\x04hits\x18\x01 \x03(\x0b\x32\x0c.cbir.v1.Hit\x12\x16\n\x0e\x62undle_version\x18\x02 \x01(\t\"#\n\x0fGetItemsRequest\x12\x10\n\x08item_ids\x18\x01 \x03(\t\"0\n\x10GetItemsResponse\x12\x1c\n\x05items\x18\x01 \x03(\x0b\x32\r.cbir.v1.Item\"\x15\n\x13GetIndexInfoRequest\"f\n\x14GetIndexInfoResponse\x12!\n\x05index\x18\x01 \x01(\x0b\x32\x12.cbir.v1.IndexInfo\x12\x15\n\rdeleted_items\x18\x02 \x01(\x04\x12\x14\n\x0c\x64\x65leted_list\x18\x03 \x01(\t\"B\n\x13ReloadBundleRequest\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x1a\n\x12\x61llow_model_change\x18\x02 \x01(\x08\"\x96\x01\n\x14ReloadBundleResponse\x12\x10\n\x08reloaded\x18\x01 \x01(\x08\x12\x16\n\x0e\x62undle_version\x18\x02 \x01(\t\x12\x18\n\x10previous_version\x18\x03 \x01(\t\x12\x12\n\nitem_count\x18\x04 \x01(\x04\x12\x15\n\rdeleted_items\x18\x05 \x01(\x04\x12\x0f\n\x07seconds\x18\x06 \x01(\x01\x32\xf2\x02\n\x07Indexer\x12H\n\x0bQueryVector\x12\x1b.cbir.v1.QueryVectorRequest\x1a\x1c.cbir.v1.QueryVectorResponse\x12\x42\n\tQueryItem\x12\x19.cbir.v1.QueryItemRequest\x1a\x1a.cbir.v1.QueryItemResponse\x12?\n\x08GetItems\x12\x18.cbir.v1.GetItemsRequest\x1a\x19.cbir.v1.GetItemsResponse\x12K\n\x0cGetIndexInfo\x12\x1c.cbir.v1.GetIndexInfoRequest\x1a\x1d.cbir.v1.GetIndexInfoResponse\x12K\n\x0cReloadBundle\x12\x1c.cbir.v1.ReloadBundleRequest\x1a\x1d.cbir.v1.ReloadBundleResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x63\x62ir/v1/indexer.proto\x12\x07\x63\x62ir.v1\x1a\x14\x63\x62ir/v1/common.proto\x1a\x18\x63\x62ir/v1/duplicates.proto\"\xfc\x01\n\x12QueryVectorRequest\x12\x1f\n\x06vector\x18\x01 \x01(\x0b\x32\x0f.cbir.v1.Vector\x12\t\n\x01k\x18\x02 \x01(\r\x12\x10\n\x08search_k\x18\x03 \x01(\x03\x12\x19\n\x11model_fingerprint\x18\x04 \x01(\t\x12\x16\n\x0elocal_features\x18\x05 \x01(\x0c\x12\x1f\n\x17local_features_mirrored\x18\x06 \x01(\x0c\x12\x11\n\tmin_score\x18\x07 \x01(\x02\x12 \n\x07regions\x18\x08 \x03(\x0b\x32\x0f.cbir.v1.Vector\x12\x1f\n\x06\x66ilter\x18\t \x01(\x0b\x32\x0f.cbir.v1.Filter\"I\n\x13QueryVectorResponse\x12\x1a\n\x04hits\x18\x01 \x03(\x0b\x32\x0c.cbir.v1.Hit\x12\x16\n\x0e\x62undle_version\x18\x02 \x01(\t\"\x8a\x01\n\x10QueryItemRequest\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\t\n\x01k\x18\x02 \x01(\r\x12\x10\n\x08search_k\x18\x03 \x01(\x03\x12\x14\n\x0c\x65xclude_self\x18\x04 \x01(\x08\x12\x11\n\tmin_score\x18\x05 \x01(\x02\x12\x1f\n\x06\x66ilter\x18\x06 \x01(\x0b\x32\x0f.cbir.v1.Filter\"G\n\x11QueryItemResponse\x12\x1a\n\x04hits\x18\x01 \x03(\x0b\x32\x0c.cbir.v1.Hit\x12\x16\n\x0e\x62undle_version\x18\x02 \x01(\t\"#\n\x0fGetItemsRequest\x12\x10\n\x08item_ids\x18\x01 \x03(\t\"0\n\x10GetItemsResponse\x12\x1c\n\x05items\x18\x01 \x03(\x0b\x32\r.cbir.v1.Item\"\x15\n\x13GetIndexInfoRequest\"f\n\x14GetIndexInfoResponse\x12!\n\x05index\x18\x01 \x01(\x0b\x32\x12.cbir.v1.IndexInfo\x12\x15\n\rdeleted_items\x18\x02 \x01(\x04\x12\x14\n\x0c\x64\x65leted_list\x18\x03 \x01(\t\"B\n\x13ReloadBundleRequest\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x1a\n\x12\x61llow_model_change\x18\x02 \x01(\x08\"\x96\x01\n\x14ReloadBundleResponse\x12\x10\n\x08reloaded\x18\x01 \x01(\x08\x12\x16\n\x0e\x62undle_version\x18\x02 \x01(\t\x12\x18\n\x10previous_version\x18\x03 \x01(\t\x12\x12\n\nitem_count\x18\x04 \x01(\x04\x12\x15\n\rdeleted_items\x18\x05 \x01(\x04\x12\x0f\n\x07seconds\x18\x06 \x01(\x01\x32\xc7\x03\n\x07Indexer\x12H\n\x0bQueryVector\x12\x1b.cbir.v1.QueryVectorRequest\x1a\x1c.cbir.v1.QueryVectorResponse\x12\x42\n\tQueryItem\x12\x19.cbir.v1.QueryItemRequest\x1a\x1a.cbir.v1.QueryItemResponse\x12?\n\x08GetItems\x12\x18.cbir.v1.GetItemsRequest\x1a\x19.cbir.v1.GetItemsResponse\x12K\n\x0cGetIndexInfo\x12\x1c.cbir.v1.GetIndexInfoRequest\x1a\x1d.cbir.v1.GetIndexInfoResponse\x12K\n\x0cReloadBundle\x12\x1c.cbir.v1.ReloadBundleRequest\x1a\x1d.cbir.v1.ReloadBundleResponse\x12S\n\x0e\x46indDuplicates\x12\x1e.cbir.v1.FindDuplicatesRequest\x1a\x1f.cbir.v1.FindDuplicatesResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'cbir.v1.indexer_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_QUERYVECTORREQUEST']._serialized_start=57
-  _globals['_QUERYVECTORREQUEST']._serialized_end=242
-  _globals['_QUERYVECTORRESPONSE']._serialized_start=244
-  _globals['_QUERYVECTORRESPONSE']._serialized_end=317
-  _globals['_QUERYITEMREQUEST']._serialized_start=319
-  _globals['_QUERYITEMREQUEST']._serialized_end=424
-  _globals['_QUERYITEMRESPONSE']._serialized_start=426
-  _globals['_QUERYITEMRESPONSE']._serialized_end=497
-  _globals['_GETITEMSREQUEST']._serialized_start=499
-  _globals['_GETITEMSREQUEST']._serialized_end=534
-  _globals['_GETITEMSRESPONSE']._serialized_start=536
-  _globals['_GETITEMSRESPONSE']._serialized_end=584
-  _globals['_GETINDEXINFOREQUEST']._serialized_start=586
-  _globals['_GETINDEXINFOREQUEST']._serialized_end=607
-  _globals['_GETINDEXINFORESPONSE']._serialized_start=609
-  _globals['_GETINDEXINFORESPONSE']._serialized_end=711
-  _globals['_RELOADBUNDLEREQUEST']._serialized_start=713
-  _globals['_RELOADBUNDLEREQUEST']._serialized_end=779
-  _globals['_RELOADBUNDLERESPONSE']._serialized_start=782
-  _globals['_RELOADBUNDLERESPONSE']._serialized_end=932
-  _globals['_INDEXER']._serialized_start=935
-  _globals['_INDEXER']._serialized_end=1305
+  _globals['_QUERYVECTORREQUEST']._serialized_start=83
+  _globals['_QUERYVECTORREQUEST']._serialized_end=335
+  _globals['_QUERYVECTORRESPONSE']._serialized_start=337
+  _globals['_QUERYVECTORRESPONSE']._serialized_end=410
+  _globals['_QUERYITEMREQUEST']._serialized_start=413
+  _globals['_QUERYITEMREQUEST']._serialized_end=551
+  _globals['_QUERYITEMRESPONSE']._serialized_start=553
+  _globals['_QUERYITEMRESPONSE']._serialized_end=624
+  _globals['_GETITEMSREQUEST']._serialized_start=626
+  _globals['_GETITEMSREQUEST']._serialized_end=661
+  _globals['_GETITEMSRESPONSE']._serialized_start=663
+  _globals['_GETITEMSRESPONSE']._serialized_end=711
+  _globals['_GETINDEXINFOREQUEST']._serialized_start=713
+  _globals['_GETINDEXINFOREQUEST']._serialized_end=734
+  _globals['_GETINDEXINFORESPONSE']._serialized_start=736
+  _globals['_GETINDEXINFORESPONSE']._serialized_end=838
+  _globals['_RELOADBUNDLEREQUEST']._serialized_start=840
+  _globals['_RELOADBUNDLEREQUEST']._serialized_end=906
+  _globals['_RELOADBUNDLERESPONSE']._serialized_start=909
+  _globals['_RELOADBUNDLERESPONSE']._serialized_end=1059
+  _globals['_INDEXER']._serialized_start=1062
+  _globals['_INDEXER']._serialized_end=1517
 # @@protoc_insertion_point(module_scope)

@@ -1,4 +1,5 @@
 from cbir.v1 import common_pb2 as _common_pb2
+from cbir.v1 import duplicates_pb2 as _duplicates_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
@@ -8,7 +9,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class QueryVectorRequest(_message.Message):
-    __slots__ = ("vector", "k", "search_k", "model_fingerprint", "local_features", "local_features_mirrored", "min_score")
+    __slots__ = ("vector", "k", "search_k", "model_fingerprint", "local_features", "local_features_mirrored", "min_score", "regions", "filter")
     VECTOR_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
     SEARCH_K_FIELD_NUMBER: _ClassVar[int]
@@ -16,6 +17,8 @@ class QueryVectorRequest(_message.Message):
     LOCAL_FEATURES_FIELD_NUMBER: _ClassVar[int]
     LOCAL_FEATURES_MIRRORED_FIELD_NUMBER: _ClassVar[int]
     MIN_SCORE_FIELD_NUMBER: _ClassVar[int]
+    REGIONS_FIELD_NUMBER: _ClassVar[int]
+    FILTER_FIELD_NUMBER: _ClassVar[int]
     vector: _common_pb2.Vector
     k: int
     search_k: int
@@ -23,7 +26,9 @@ class QueryVectorRequest(_message.Message):
     local_features: bytes
     local_features_mirrored: bytes
     min_score: float
-    def __init__(self, vector: _Optional[_Union[_common_pb2.Vector, _Mapping]] = ..., k: _Optional[int] = ..., search_k: _Optional[int] = ..., model_fingerprint: _Optional[str] = ..., local_features: _Optional[bytes] = ..., local_features_mirrored: _Optional[bytes] = ..., min_score: _Optional[float] = ...) -> None: ...
+    regions: _containers.RepeatedCompositeFieldContainer[_common_pb2.Vector]
+    filter: _common_pb2.Filter
+    def __init__(self, vector: _Optional[_Union[_common_pb2.Vector, _Mapping]] = ..., k: _Optional[int] = ..., search_k: _Optional[int] = ..., model_fingerprint: _Optional[str] = ..., local_features: _Optional[bytes] = ..., local_features_mirrored: _Optional[bytes] = ..., min_score: _Optional[float] = ..., regions: _Optional[_Iterable[_Union[_common_pb2.Vector, _Mapping]]] = ..., filter: _Optional[_Union[_common_pb2.Filter, _Mapping]] = ...) -> None: ...
 
 class QueryVectorResponse(_message.Message):
     __slots__ = ("hits", "bundle_version")
@@ -34,18 +39,20 @@ class QueryVectorResponse(_message.Message):
     def __init__(self, hits: _Optional[_Iterable[_Union[_common_pb2.Hit, _Mapping]]] = ..., bundle_version: _Optional[str] = ...) -> None: ...
 
 class QueryItemRequest(_message.Message):
-    __slots__ = ("item_id", "k", "search_k", "exclude_self", "min_score")
+    __slots__ = ("item_id", "k", "search_k", "exclude_self", "min_score", "filter")
     ITEM_ID_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
     SEARCH_K_FIELD_NUMBER: _ClassVar[int]
     EXCLUDE_SELF_FIELD_NUMBER: _ClassVar[int]
     MIN_SCORE_FIELD_NUMBER: _ClassVar[int]
+    FILTER_FIELD_NUMBER: _ClassVar[int]
     item_id: str
     k: int
     search_k: int
     exclude_self: bool
     min_score: float
-    def __init__(self, item_id: _Optional[str] = ..., k: _Optional[int] = ..., search_k: _Optional[int] = ..., exclude_self: _Optional[bool] = ..., min_score: _Optional[float] = ...) -> None: ...
+    filter: _common_pb2.Filter
+    def __init__(self, item_id: _Optional[str] = ..., k: _Optional[int] = ..., search_k: _Optional[int] = ..., exclude_self: _Optional[bool] = ..., min_score: _Optional[float] = ..., filter: _Optional[_Union[_common_pb2.Filter, _Mapping]] = ...) -> None: ...
 
 class QueryItemResponse(_message.Message):
     __slots__ = ("hits", "bundle_version")

@@ -3,6 +3,7 @@
 import grpc
 import warnings
 
+from cbir.v1 import duplicates_pb2 as cbir_dot_v1_dot_duplicates__pb2
 from cbir.v1 import indexer_pb2 as cbir_dot_v1_dot_indexer__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
@@ -60,6 +61,11 @@ class IndexerStub:
                 request_serializer=cbir_dot_v1_dot_indexer__pb2.ReloadBundleRequest.SerializeToString,
                 response_deserializer=cbir_dot_v1_dot_indexer__pb2.ReloadBundleResponse.FromString,
                 _registered_method=True)
+        self.FindDuplicates = channel.unary_stream(
+                '/cbir.v1.Indexer/FindDuplicates',
+                request_serializer=cbir_dot_v1_dot_duplicates__pb2.FindDuplicatesRequest.SerializeToString,
+                response_deserializer=cbir_dot_v1_dot_duplicates__pb2.FindDuplicatesResponse.FromString,
+                _registered_method=True)
 
 
 class IndexerServicer:
@@ -102,6 +108,14 @@ class IndexerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def FindDuplicates(self, request, context):
+        """Groups of copies over the whole served bundle (duplicates.proto): streams progress while every
+        item is searched, then the groups, then a summary. Cancelling the call stops the search.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_IndexerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -129,6 +143,11 @@ def add_IndexerServicer_to_server(servicer, server):
                     servicer.ReloadBundle,
                     request_deserializer=cbir_dot_v1_dot_indexer__pb2.ReloadBundleRequest.FromString,
                     response_serializer=cbir_dot_v1_dot_indexer__pb2.ReloadBundleResponse.SerializeToString,
+            ),
+            'FindDuplicates': grpc.unary_stream_rpc_method_handler(
+                    servicer.FindDuplicates,
+                    request_deserializer=cbir_dot_v1_dot_duplicates__pb2.FindDuplicatesRequest.FromString,
+                    response_serializer=cbir_dot_v1_dot_duplicates__pb2.FindDuplicatesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -267,6 +286,33 @@ class Indexer:
             '/cbir.v1.Indexer/ReloadBundle',
             cbir_dot_v1_dot_indexer__pb2.ReloadBundleRequest.SerializeToString,
             cbir_dot_v1_dot_indexer__pb2.ReloadBundleResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FindDuplicates(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/cbir.v1.Indexer/FindDuplicates',
+            cbir_dot_v1_dot_duplicates__pb2.FindDuplicatesRequest.SerializeToString,
+            cbir_dot_v1_dot_duplicates__pb2.FindDuplicatesResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -11,6 +11,11 @@ works and regional pooling needs no graph of its own.
   query fills only part of a photo.
 - several resolutions: one descriptor per resolution, each L2-normalised, summed, L2-normalised.
 - whitening (`Whitening`): x -> L2n(P (x - mean)), learned on other data than the collection.
+- region vectors of a query (`region_vectors`): GeM over a 3 x 3 grid of windows of half the map's
+  height and width. A copy that shows its original in part of the frame (pasted into another photo,
+  a collage tile, a screenshot) is far from the original as a whole but close in one window: these
+  vectors find such originals as candidates for geometric verification (BENCHMARKS.md "Region
+  candidates"); they are never indexed.
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ import numpy as np
 POOLINGS = ("gem", "mac", "avg", "rmac", "rgem")
 REGION_LEVELS = 3
 REGION_OVERLAP = 0.4
+QUERY_REGION_GRID = 3  # windows per side
+QUERY_REGION_SCALE = 0.5  # a window's height and width, as a fraction of the map's
 
 
 def l2n(x: np.ndarray, axis: int = -1, eps: float = 1e-12) -> np.ndarray:
@@ -75,6 +82,22 @@ def pool(fmap: np.ndarray, pooling: str, p: float = 3.0) -> np.ndarray:
         part = x[y0:y0 + sy, x0:x0 + sx]
         total += l2n(part.max(axis=(0, 1)) if pooling == "rmac" else _gem(part, p))
     return l2n(total)
+
+
+def query_windows(h: int, w: int, grid: int = QUERY_REGION_GRID, scale: float = QUERY_REGION_SCALE
+                  ) -> list[tuple[int, int, int, int]]:
+    """(y0, x0, side_y, side_x) of a grid x grid layout of windows of `scale` times the map, evenly spread
+    from corner to corner; always grid * grid of them (a very small map repeats some)."""
+    side_y, side_x = max(1, round(h * scale)), max(1, round(w * scale))
+    ys = np.linspace(0, h - side_y, grid).round().astype(int)
+    xs = np.linspace(0, w - side_x, grid).round().astype(int)
+    return [(int(y), int(x), side_y, side_x) for y in ys for x in xs]
+
+
+def region_vectors(fmap: np.ndarray, p: float = 3.0) -> np.ndarray:
+    """(R, C) L2-normalised GeM vectors of the `query_windows` of one (H, W, C) map."""
+    x = np.asarray(fmap, dtype=np.float32)
+    return np.stack([l2n(_gem(x[y0:y0 + sy, x0:x0 + sx], p)) for y0, x0, sy, sx in query_windows(*x.shape[:2])])
 
 
 def combine(per_resolution: list[np.ndarray]) -> np.ndarray:

@@ -228,14 +228,22 @@ class Embedder:
                 found.append(local_features.to_bytes(local_features.extract(local_features.mirrored(image))))
         return found
 
-    def embed_pixels(self, batch) -> np.ndarray:
+    @property
+    def has_regions(self) -> bool:
+        """Whether `embed_pixels(..., regions=True)` gives region vectors (descriptor models)."""
+        return self.keep_aspect
+
+    def embed_pixels(self, batch, regions: bool = False) -> np.ndarray:
         """(N, 224, 224, 3) uint8 RGB -> (N, D) float32, in model calls of at most `max_batch` images.
-        keep_aspect: a list of (H, W, 3) uint8 images of any shapes."""
+        keep_aspect: a list of (H, W, 3) uint8 images of any shapes, and with `regions` (N, 1 + R, D): each
+        image's vector followed by its region vectors (`descriptor.region_vectors`)."""
+        if regions and not self.has_regions:
+            raise ValueError("region vectors come from descriptor models (resize=keep_aspect or auto), not this one")
         if self.keep_aspect:
             if len(batch) == 0:
                 return np.zeros((0, self.dimension), dtype=np.float32)
             with metrics.stage(SERVICE, "model"):
-                return self.runner(list(batch))
+                return self.runner(list(batch), regions=regions)
         batch = np.asarray(batch)
         if batch.ndim != 4 or batch.shape[1:] != INPUT_SHAPE or batch.dtype != np.uint8:
             raise ValueError(f"expected (N, 224, 224, 3) uint8 pixels, got {batch.shape} {batch.dtype}")

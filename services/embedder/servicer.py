@@ -39,7 +39,11 @@ class EmbedderServicer(embedder_pb2_grpc.EmbedderServicer):
 
     def attach(self, embedder: Embedder) -> None:
         """Start answering with this loaded (and warmed-up) embedder."""
-        self._batcher = Batcher(embedder.embed_pixels, max_batch=embedder.max_batch, timeout_s=self._batch_timeout_s)
+        # A descriptor model's batches always make region vectors too (a few poolings of maps it has anyway):
+        # requests that ask for them and requests that do not share one model call.
+        run = (lambda pixels: embedder.embed_pixels(pixels, regions=True)) if embedder.has_regions \
+            else embedder.embed_pixels
+        self._batcher = Batcher(run, max_batch=embedder.max_batch, timeout_s=self._batch_timeout_s)
         self._embedder = embedder
         MODEL_INFO.info({name: str(getattr(embedder.info, name)) for name in _INFO_FIELDS})
 
@@ -84,8 +88,10 @@ class EmbedderServicer(embedder_pb2_grpc.EmbedderServicer):
                         results[index].local_features_mirrored = found[1]
             if pixels:
                 vectors = batcher.embed(pixels if embedder.keep_aspect else np.stack(pixels), arrival=arrival)
-        for index, vector in zip(good, vectors):
-            results[index].vector.CopyFrom(to_proto(vector))
+        for index, rows in zip(good, vectors):
+            results[index].vector.CopyFrom(to_proto(rows[0] if rows.ndim == 2 else rows))
+            if request.regions and rows.ndim == 2:
+                results[index].regions.extend(to_proto(row) for row in rows[1:])
         return embedder_pb2.EmbedResponse(results=results, model_fingerprint=embedder.info.fingerprint)
 
     def GetModelInfo(self, request, context) -> embedder_pb2.GetModelInfoResponse:

@@ -11,7 +11,14 @@ the download, the Embed call and the index query share. SearchByUrl downloads th
 SearchBatch answers many queries in one call, within its own budget (`batch_timeout_s`): the URLs
 are downloaded (several at once), every image goes to the embedder in one Embed call, then the
 index queries run with at most `batch_index_concurrency` in flight. A query that fails gets its own `BatchResult.error`; only a
-request that is wrong as a whole (empty, too many queries, bad k) fails the call.
+request that is wrong as a whole (empty, too many queries, bad k, a malformed filter) fails the call.
+
+Every search may carry a metadata filter (`cbir.v1.Filter`, `cbir.filters`): the gateway refuses a
+malformed one before any download or embedding, and passes it on to the indexer, which applies it.
+
+FindDuplicates passes the indexer's stream through, message by message, within its own budget
+(`duplicates_timeout_s`, or the caller's deadline if sooner); the indexer judges the request. When the
+caller goes away, the indexer's call is cancelled and its search stops.
 """
 
 from __future__ import annotations
@@ -19,10 +26,10 @@ from __future__ import annotations
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from cbir import metrics
+from cbir import filters, metrics
 from cbir.channels import ClientTls
 from cbir.errors import CbirError, InvalidRequest
-from cbir.v1 import gateway_pb2, gateway_pb2_grpc, indexer_pb2
+from cbir.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, indexer_pb2
 from services.gateway.budget import Budget
 from services.gateway.metrics import BATCH_QUERIES, BATCH_RESULTS
 from services.gateway.settings import GatewaySettings
@@ -89,13 +96,24 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             raise InvalidRequest(f"k={k} is more than this gateway returns: ask for at most {self.settings.max_k}")
         return k
 
+    @staticmethod
+    def _filter(request) -> common_pb2.Filter | None:
+        """The request's metadata filter, passed on to the indexer as sent (None: no filter). A malformed one is
+        refused here, before anything is downloaded or embedded; the indexer judges its fields."""
+        if not request.HasField("filter"):
+            return None
+        filters.from_proto(request.filter)
+        return request.filter
+
     def SearchByImage(self, request: gateway_pb2.SearchByImageRequest, context) -> gateway_pb2.SearchByImageResponse:
         start = time.perf_counter()
         budget = self._budget(context)
         if not request.image:
             raise InvalidRequest(_EMPTY["image"])
         k = self._k(request.k)
-        found, embed_s, index_s = self._search_image(request.image, k, request.search_k, request.min_score, budget)
+        conditions = self._filter(request)
+        found, embed_s, index_s = self._search_image(request.image, k, request.search_k, request.min_score, budget,
+                                                     conditions)
         return gateway_pb2.SearchByImageResponse(
             hits=found.hits,
             bundle_version=found.bundle_version,
@@ -110,9 +128,11 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         if not request.url:
             raise InvalidRequest(_EMPTY["url"])
         k = self._k(request.k)
+        conditions = self._filter(request)
         with metrics.stage("gateway", "fetch") as fetch:
             fetched = self.urls.fetch(request.url, deadline=budget.end)
-        found, embed_s, index_s = self._search_image(fetched.data, k, request.search_k, request.min_score, budget)
+        found, embed_s, index_s = self._search_image(fetched.data, k, request.search_k, request.min_score, budget,
+                                                     conditions)
         return gateway_pb2.SearchByUrlResponse(
             hits=found.hits,
             bundle_version=found.bundle_version,
@@ -124,36 +144,38 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             content_type=fetched.content_type,
         )
 
-    def _search_image(self, image: bytes, k: int, search_k: int, min_score: float, budget: Budget):
+    def _search_image(self, image: bytes, k: int, search_k: int, min_score: float, budget: Budget,
+                      conditions: common_pb2.Filter | None = None):
         """Embed `image` (with its local features when `verify` is on), then ask the indexer:
         (QueryVectorResponse, embed seconds, index seconds)."""
         with metrics.stage("gateway", "embed") as embed:
             results, fingerprint = self._embed([image], self.settings.embed_timeout_s, budget)
             result = self.embedder.checked(results[0])
         with metrics.stage("gateway", "index") as index:
-            found = self.indexer.query(self._vector_query(result, fingerprint, k, search_k, min_score),
+            found = self.indexer.query(self._vector_query(result, fingerprint, k, search_k, min_score, conditions),
                                        timeout_s=self.settings.index_timeout_s, budget=budget)
         return found, embed.seconds, index.seconds
 
     def _embed(self, images: list[bytes], timeout_s: float, budget: Budget):
         """(EmbedResults, model fingerprint) of `images` in one Embed call, with each one's local features (and
-        its mirror's) when `verify` is on, so that the indexer verifies its best candidates."""
+        its mirror's) and region vectors when `verify` is on, so that the indexer verifies its best candidates."""
         return self.embedder.embed(images, timeout_s=timeout_s, budget=budget, local_features=self.settings.verify)
 
     @staticmethod
-    def _vector_query(result, fingerprint: str, k: int, search_k: int, min_score: float
-                      ) -> indexer_pb2.QueryVectorRequest:
+    def _vector_query(result, fingerprint: str, k: int, search_k: int, min_score: float,
+                      conditions: common_pb2.Filter | None = None) -> indexer_pb2.QueryVectorRequest:
         return indexer_pb2.QueryVectorRequest(
             vector=result.vector, k=k, search_k=search_k, model_fingerprint=fingerprint,
             local_features=result.local_features, local_features_mirrored=result.local_features_mirrored,
-            min_score=min_score,
+            min_score=min_score, regions=result.regions, filter=conditions,
         )
 
     @staticmethod
-    def _item_query(item_id: str, k: int, search_k: int, exclude_self: bool, min_score: float
-                    ) -> indexer_pb2.QueryItemRequest:
+    def _item_query(item_id: str, k: int, search_k: int, exclude_self: bool, min_score: float,
+                    conditions: common_pb2.Filter | None = None) -> indexer_pb2.QueryItemRequest:
         return indexer_pb2.QueryItemRequest(
-            item_id=item_id, k=k, search_k=search_k, exclude_self=exclude_self, min_score=min_score
+            item_id=item_id, k=k, search_k=search_k, exclude_self=exclude_self, min_score=min_score,
+            filter=conditions,
         )
 
     def SearchById(self, request: gateway_pb2.SearchByIdRequest, context) -> gateway_pb2.SearchByIdResponse:
@@ -161,10 +183,12 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         if not request.item_id:
             raise InvalidRequest(_EMPTY["item_id"])
         k = self._k(request.k)
+        conditions = self._filter(request)
 
         with metrics.stage("gateway", "index") as index:
             found = self.indexer.query(
-                self._item_query(request.item_id, k, request.search_k, request.exclude_self, request.min_score),
+                self._item_query(request.item_id, k, request.search_k, request.exclude_self, request.min_score,
+                                 conditions),
                 timeout_s=self.settings.index_timeout_s,
                 budget=self._budget(context),
             )
@@ -187,6 +211,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 "(split it into several batches)"
             )
         k = self._k(request.k)
+        conditions = self._filter(request)
         BATCH_QUERIES.observe(count)
 
         # What each query ended with so far: its index request, its image, or its domain error.
@@ -203,7 +228,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             elif kind == "url":
                 urls[i] = value
             else:
-                outcomes[i] = self._item_query(value, k, request.search_k, request.exclude_self, request.min_score)
+                outcomes[i] = self._item_query(value, k, request.search_k, request.exclude_self, request.min_score,
+                                               conditions)
 
         timings = gateway_pb2.Timings()
         if urls:
@@ -216,7 +242,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             timings.fetch_ms = _ms(fetch.seconds)
         if images:
             with metrics.stage("gateway", "embed") as embed:
-                outcomes.update(self._embed_batch(images, k, request.search_k, request.min_score, budget))
+                outcomes.update(self._embed_batch(images, k, request.search_k, request.min_score, budget, conditions))
             timings.embed_ms = _ms(embed.seconds)
 
         window = CallWindow(self.settings.batch_index_concurrency)
@@ -251,7 +277,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 fetched[i] = error
         return fetched
 
-    def _embed_batch(self, images: dict[int, bytes], k: int, search_k: int, min_score: float, budget: Budget
+    def _embed_batch(self, images: dict[int, bytes], k: int, search_k: int, min_score: float, budget: Budget,
+                     conditions: common_pb2.Filter | None = None
                      ) -> dict[int, indexer_pb2.QueryVectorRequest | CbirError]:
         """Every image in one Embed call: each one's index query, or the domain error that says why it has none."""
         try:
@@ -261,10 +288,16 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         queries: dict[int, indexer_pb2.QueryVectorRequest | CbirError] = {}
         for i, result in zip(images, results):
             try:
-                queries[i] = self._vector_query(self.embedder.checked(result), fingerprint, k, search_k, min_score)
+                queries[i] = self._vector_query(self.embedder.checked(result), fingerprint, k, search_k, min_score,
+                                                conditions)
             except CbirError as error:
                 queries[i] = error
         return queries
+
+    def FindDuplicates(self, request, context):
+        """The indexer's FindDuplicatesResponse stream (progress, groups, summary), passed through."""
+        budget = Budget.for_request(self.settings.duplicates_timeout_s, context, "duplicates_timeout_s")
+        yield from self.indexer.find_duplicates(request, timeout_s=self.settings.duplicates_timeout_s, budget=budget)
 
     def GetStatus(self, request: gateway_pb2.GetStatusRequest, context) -> gateway_pb2.GetStatusResponse:
         budget = Budget.for_request(self.settings.status_timeout_s, context, "status_timeout_s")

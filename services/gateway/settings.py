@@ -38,6 +38,10 @@ class GatewaySettings(ServerSettings):
         180.0, gt=0, description="deadline budget of one SearchBatch (downloads, its Embed call, index queries), and "
         "the bound of that Embed call: it embeds every image of the batch, ~N times the work of one search"
     )
+    duplicates_timeout_s: float = Field(
+        3600.0, gt=0, description="deadline of one FindDuplicates (a pass over every item of the collection: "
+        "~10 verified items/s per indexer core, ~170 unverified)"
+    )
     verify: bool = Field(
         True, description="ask the embedder for each query's local features (and its mirror's) so that the indexer "
         "verifies its best candidates geometrically (copies found first; ~50 ms of the embedder per query); "

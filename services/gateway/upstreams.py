@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -29,6 +29,7 @@ from cbir.errors import BadImage, CbirError, UpstreamTimeout, UpstreamUnavailabl
 from services.gateway.budget import OWN_TIMEOUT, Budget
 from cbir.v1 import (
     common_pb2,
+    duplicates_pb2,
     embedder_pb2,
     embedder_pb2_grpc,
     indexer_pb2,
@@ -73,8 +74,8 @@ class UpstreamFailed(CbirError):
 # Methods that may be sent twice without harm (they only read or compute): the only ones retried.
 IDEMPOTENT = {
     EMBEDDER_SERVICE: ("Embed", "GetModelInfo"),
-    INDEXER_SERVICE: ("QueryVector", "QueryItem", "GetItems", "GetIndexInfo"),
-}
+    INDEXER_SERVICE: ("QueryVector", "QueryItem", "GetItems", "GetIndexInfo", "FindDuplicates"),
+}  # a stream is retried only until its first message arrives
 
 
 def retry_policy(*services: str) -> Retry:
@@ -200,14 +201,47 @@ class Upstream:
         """Send `request` with the shortest of `timeout_s` and what is left of the request's `budget`;
         the call is cancelled if the caller goes away. A failure other than the caller's own problem is
         logged at `log_level` once, here."""
-        timeout, bound = timeout_s, None
-        if budget is not None:
-            timeout, bound_by = budget.timeout_for(timeout_s, f"{self.name} {method}")
-            bound = None if bound_by == OWN_TIMEOUT else budget.describe()
+        timeout, bound = self._deadline(method, timeout_s, budget)
         future = rpc.future(request, timeout=timeout)
         if budget is not None and budget.context is not None:
             budget.context.add_callback(future.cancel)  # the caller went away: stop the upstream's work too
         return PendingCall(self, method, future, timeout, bound, log_level)
+
+    def stream(self, method: str, rpc: Callable, request, *, timeout_s: float, budget: Budget | None = None
+               ) -> Iterator:
+        """The messages of a server-streaming call as they arrive, under the deadline rules of `start`. The
+        call is cancelled when the caller goes away or stops reading; a failure raises the mapped domain error
+        (logged here unless it is the caller's own problem)."""
+        timeout, bound = self._deadline(method, timeout_s, budget)
+        call = rpc(request, timeout=timeout)
+        context = budget.context if budget is not None else None
+        if context is not None:
+            context.add_callback(call.cancel)
+        start = time.perf_counter()
+        code = grpc.StatusCode.OK
+        try:
+            yield from call
+        except grpc.RpcError as error:
+            code = error.code() or grpc.StatusCode.UNKNOWN
+            if context is not None and not context.is_active():
+                raise UpstreamUnavailable(f"call to {self.name} {method} was cancelled (the caller went away)") from None
+            mapped = upstream_error(self.name, self.target, method, error, timeout, bound)
+            if code not in PASSED_THROUGH:
+                log.warning("%s", mapped)
+            raise mapped from None
+        finally:
+            call.cancel()  # nothing once it has ended; else the caller stopped reading: stop the upstream's work
+            UPSTREAM_SECONDS.labels(self.name, method).observe(time.perf_counter() - start)
+            if code is not grpc.StatusCode.OK:
+                UPSTREAM_ERRORS.labels(self.name, method, code.name).inc()
+
+    def _deadline(self, method: str, timeout_s: float, budget: Budget | None) -> tuple[float, str | None]:
+        """(the call's timeout: the shortest of `timeout_s` and what is left of `budget`; what bounds it when
+        that is not its own timeout, in words)."""
+        if budget is None:
+            return timeout_s, None
+        timeout, bound_by = budget.timeout_for(timeout_s, f"{self.name} {method}")
+        return timeout, None if bound_by == OWN_TIMEOUT else budget.describe()
 
     def check_health(self, *, timeout_s: float) -> PendingCall:
         """grpc.health.v1 Check of this upstream's service (answered by one replica)."""
@@ -246,11 +280,13 @@ class EmbedderUpstream(Upstream):
               local_features: bool = False) -> tuple[list[embedder_pb2.EmbedResult], str]:
         """(one EmbedResult per image, same order; the model fingerprint): the images in one Embed call (in as
         few as the message size limit allows, sent at once), with each one's local features (and its mirror's)
-        when asked and the model has them. A bad image fails only its own result (`checked` raises BadImage
-        with the embedder's reason); a failed call raises the mapped domain error."""
+        and region vectors when asked and the model has them (what verification uses). A bad image fails only
+        its own result (`checked` raises BadImage with the embedder's reason); a failed call raises the mapped
+        domain error."""
         calls = [
             (len(part), self.start("Embed", self.stub.Embed, embedder_pb2.EmbedRequest(
-                images=part, local_features=local_features, mirrored=local_features), timeout_s=timeout_s,
+                images=part, local_features=local_features, mirrored=local_features, regions=local_features),
+                timeout_s=timeout_s,
                 budget=budget))
             for part in _parts(images, self.max_message_bytes - _MESSAGE_OVERHEAD_BYTES)
         ]
@@ -299,6 +335,11 @@ class IndexerUpstream(Upstream):
               budget: Budget | None = None):
         """The QueryVectorResponse or QueryItemResponse to `request`."""
         return self.start_query(request, timeout_s=timeout_s, budget=budget).result()
+
+    def find_duplicates(self, request: duplicates_pb2.FindDuplicatesRequest, *, timeout_s: float,
+                        budget: Budget | None = None) -> Iterator[duplicates_pb2.FindDuplicatesResponse]:
+        """The indexer's FindDuplicates stream, message by message."""
+        return self.stream("FindDuplicates", self.stub.FindDuplicates, request, timeout_s=timeout_s, budget=budget)
 
     def index_info(self, *, timeout_s: float) -> PendingCall:
         return self.start(

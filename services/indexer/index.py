@@ -10,12 +10,16 @@ thread (`cbir.bundle.Bundle`).
 
 With local features (the query's, and the bundle's of every item), the best `Verification.top`
 candidates are verified geometrically and re-ranked (`verification`), and each hit gets its inlier
-count and match class; `min_score` leaves out weaker hits.
+count and match class; `min_score` leaves out weaker hits. A query's region vectors (windows of the
+query image) add their `Verification.region_k` nearest items to the verified candidates: such an item
+joins the hits only when verification accepts it, ranked by its global score among the verified ones.
 
 Deleted items (the bundle root's deletion list, `set_deleted`) are left out of every answer, and a
 query still returns k hits when the bundle has them: Annoy is asked for as many more neighbours as
 there are deleted items (doubling when that is not enough); faiss leaves them out inside the
-search (an IDSelector).
+search (an IDSelector). A metadata filter (`cbir.filters`) makes the same promise for the items it
+allows (`filtering.AllowedItems`, searched within by the backend: `cbir.bundle.ann`); verification
+and region candidates see only those items.
 
 `IndexHolder` is the single place that holds the served `SearchIndex`. Requests `lease()` it for
 their duration; `swap()` installs another one (a hot reload), after which the old one can be
@@ -34,13 +38,17 @@ import numpy as np
 
 from cbir import metrics
 from cbir.bundle import Bundle, ItemRecord
+from cbir.bundle.subset import ItemSubset
 from cbir.errors import Incompatible, InvalidRequest, NotFound, NotReady
-from cbir.local_features import DESCRIPTION, LocalFeatures, rerank
+from cbir.filters import Filter
+from cbir.local_features import DESCRIPTION, LocalFeatures
 from cbir.v1 import common_pb2
+from services.indexer.filtering import AllowedItems
 from services.indexer.verification import Verification, count_inliers, stored_features
 
 SERVICE = "indexer"
 _MAX_IDS_SHOWN = 5
+MAX_REGIONS = 64  # region vectors per query (the embedder sends 9)
 
 
 @dataclass(frozen=True)
@@ -77,6 +85,7 @@ class SearchIndex:
         self._idle = threading.Condition()
         self._hidden: frozenset[int] = frozenset()  # Annoy ids of deleted items
         self._hidden_ids: frozenset[str] = frozenset()
+        self._allowed = AllowedItems(bundle)  # per metadata filter, the items it allows
 
     # -- deletions
     def set_deleted(self, item_ids: frozenset[str] | set[str]) -> int:
@@ -92,6 +101,17 @@ class SearchIndex:
     @property
     def deleted_count(self) -> int:
         return len(self._hidden)
+
+    def serves(self, record: ItemRecord) -> bool:
+        """The item is answered (not on the deletion list)."""
+        return record.annoy_id not in self._hidden
+
+    def with_verification(self, verification: Verification) -> SearchIndex:
+        """The same bundle and deletions verified with other settings (e.g. fewer candidates). It shares the
+        bundle: use it only while this index is open (leased), and never close it."""
+        view = SearchIndex(self.bundle, max_k=self.max_k, verification=verification)
+        view._hidden, view._hidden_ids = self._hidden, self._hidden_ids
+        return view
 
     @property
     def served_count(self) -> int:
@@ -183,10 +203,13 @@ class SearchIndex:
     # -- queries
     def query_vector(
         self, vector: np.ndarray, *, k: int, search_k: int = 0, model_fingerprint: str = "",
-        local: Sequence[LocalFeatures] = (), min_score: float = 0.0,
+        local: Sequence[LocalFeatures] = (), min_score: float = 0.0, regions: Sequence[np.ndarray] = (),
+        conditions: Filter = (),
     ) -> list[SearchHit]:
         """The k items nearest to `vector` (the bundle model's input dimension), best first; re-ranked by
-        geometric verification when `local` holds the query's local features (and its mirror's)."""
+        geometric verification when `local` holds the query's local features (and its mirror's), with the
+        nearest items of the query's `regions` (vectors like `vector`) verified too. With metadata filter
+        `conditions`, only items meeting them are candidates (k hits when k items do)."""
         self.check_fingerprint(model_fingerprint)
         self._check_k(k, min_score)
         self._search_k(k, search_k)  # refuses a negative search_k
@@ -198,9 +221,42 @@ class SearchIndex:
         if self.bundle.pca is not None:
             with metrics.stage(SERVICE, "pca"):
                 array = self.bundle.pca.transform(array)
+        allowed = self._allowed.subset(conditions, self._hidden)
         with metrics.stage(SERVICE, "ann_query"):
-            ids, distances = self.bundle.index.search(array, self._candidates(k, local), search_k, self._hidden)
-        return self._hits(ids, distances, k, local, min_score)
+            ids, distances = self.bundle.index.search(array, self._candidates(k, local), search_k, self._hidden,
+                                                      allowed=allowed)
+        use_regions = len(regions) and self._verifies(local) and self.verification.region_k > 0
+        extra = self._region_candidates(regions, ids, search_k, allowed) if use_regions else []
+        if extra:
+            ids, distances = list(ids) + extra, list(distances) + self._distances(array, extra)
+        return self._hits(ids, distances, k, local, min_score, extra=len(extra))
+
+    def _region_candidates(self, regions: Sequence[np.ndarray], found: Sequence[int], search_k: int,
+                           allowed: ItemSubset | None = None) -> list[int]:
+        """The `region_k` nearest items of each region vector that are not in `found`, each once."""
+        if len(regions) > MAX_REGIONS:
+            raise InvalidRequest(f"a query may send at most {MAX_REGIONS} region vectors, got {len(regions)}")
+        vectors = np.asarray(regions, dtype=np.float32).reshape(len(regions), -1)
+        if vectors.shape[1] != self.input_dimension or not np.isfinite(vectors).all():
+            raise InvalidRequest(f"region vectors must be finite and of dimension {self.input_dimension}, "
+                                 f"like the query vector; got dimension {vectors.shape[1]}")
+        seen, extra = set(found), []
+        with metrics.stage(SERVICE, "ann_query"):
+            for region in self.bundle.project(vectors):
+                ids, _ = self.bundle.index.search(region, self.verification.region_k, search_k, self._hidden,
+                                                  allowed=allowed)
+                extra += [i for i in ids if i not in seen]
+                seen.update(ids)
+        return extra
+
+    def _distances(self, array: np.ndarray, ids: Sequence[int]) -> list[float]:
+        """Exact distances (Annoy's convention, as `score` reads them) from the index vector `array` to items."""
+        rows = self.bundle.project(np.asarray(self.bundle.features()[np.asarray(ids)], dtype=np.float32))
+        if self.bundle.metric == "angular":
+            unit = lambda x: x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)  # noqa: E731
+            rows, array = unit(rows), unit(array)
+        order = 1 if self.bundle.metric == "manhattan" else 2
+        return [float(d) for d in np.linalg.norm(rows - array, ord=order, axis=1)]
 
     @property
     def _has_local_features(self) -> bool:
@@ -215,10 +271,12 @@ class SearchIndex:
         return max(k, self.verification.top) if self._verifies(local) else k
 
     def query_item(
-        self, item_id: str, *, k: int, search_k: int = 0, exclude_self: bool = False, min_score: float = 0.0
+        self, item_id: str, *, k: int, search_k: int = 0, exclude_self: bool = False, min_score: float = 0.0,
+        conditions: Filter = (),
     ) -> list[SearchHit]:
-        """The k items nearest to an indexed item, best first; without the item itself if `exclude_self`.
-        Verified with the item's stored local features when the bundle has them."""
+        """The k items nearest to an indexed item, best first; without the item itself if `exclude_self`, only
+        items meeting the metadata filter `conditions`. Verified with the item's stored local features when the
+        bundle has them."""
         self._check_k(k, min_score)
         if not item_id:
             raise InvalidRequest("item_id is empty: give the id of an indexed item")
@@ -230,24 +288,34 @@ class SearchIndex:
             raise NotFound(f"item {item_id!r} {why} in index bundle {self.version}")
         self._search_k(k, search_k)  # refuses a negative search_k
         local = [stored_features(self.bundle.local, record.annoy_id)] if self._has_local_features else []
+        allowed = self._allowed.subset(conditions, hidden)
         with metrics.stage(SERVICE, "ann_query"):
             ids, distances = self.bundle.index.search_by_item(
-                record.annoy_id, self._candidates(k, local), search_k, hidden, exclude_self=exclude_self)
+                record.annoy_id, self._candidates(k, local), search_k, hidden, exclude_self=exclude_self,
+                allowed=allowed)
         return self._hits(ids, distances, k, local, min_score)
 
     def _hits(self, ids: Sequence[int], distances: Sequence[float], k: int, local: Sequence[LocalFeatures] = (),
-              min_score: float = 0.0) -> list[SearchHit]:
-        """The first k hits of these candidates (best first) after verification and the min_score cut."""
+              min_score: float = 0.0, extra: int = 0) -> list[SearchHit]:
+        """The first k hits of these candidates (best first) after verification and the min_score cut. The
+        last `extra` candidates (region candidates) are verified and kept only when verification accepts them."""
         ids, distances = list(ids), list(distances)
         inliers = [0] * len(ids)
         verified = 0
         if self._verifies(local):
-            verified = min(len(ids), self.verification.top)
+            found = len(ids) - extra
+            checked = list(range(min(found, self.verification.top))) + list(range(found, len(ids)))
             with metrics.stage(SERVICE, "verify"):
-                counts = count_inliers(local, self.bundle.local, ids[:verified], self.verification.min_matches)
-            order = rerank(counts, self.verification.min_inliers) + list(range(verified, len(ids)))
+                counts = count_inliers(local, self.bundle.local, [ids[i] for i in checked],
+                                       self.verification.min_matches)
+            accepted = [i for i, n in zip(checked, counts) if n >= self.verification.min_inliers]
+            accepted.sort(key=lambda i: distances[i])  # region candidates take their place by global score
+            rest = [i for i, n in zip(checked, counts) if n < self.verification.min_inliers and i < found]
+            verified = len(accepted) + len(rest)
+            count_of = dict(zip(checked, counts))
+            order = accepted + rest + list(range(len(checked) - extra, found))
             ids, distances = [ids[i] for i in order], [distances[i] for i in order]
-            inliers = [counts[i] if i < verified else 0 for i in order]
+            inliers = [count_of.get(i, 0) for i in order]
         scores = [score(self.bundle.metric, d) for d in distances]
         kept = [i for i, similarity in enumerate(scores) if similarity >= min_score][:k]
         with metrics.stage(SERVICE, "id_lookup"):
@@ -255,7 +323,7 @@ class SearchIndex:
         hits = []
         for i, record in zip(kept, records):
             similarity = scores[i]
-            # rerank permutes only the first `verified` candidates: position i < verified was verified
+            # the first `verified` positions hold the verified candidates, the rest were not verified
             match = self.verification.match_class(similarity, inliers[i], verified=i < verified)
             hits.append(SearchHit(record.item_id, record.url, float(distances[i]), similarity, record.metadata,
                                   inliers[i], match))

@@ -32,7 +32,8 @@ class IndexerServer(ServiceServer):
         self.holder = IndexHolder(f"index bundle {settings.bundle} is still being opened; retry shortly")
         self.loader = BundleLoader(settings, self.holder, on_ready=self._on_ready)
         self.service.add(
-            indexer_pb2_grpc.add_IndexerServicer_to_server, IndexerServicer(self.holder, self.loader), SERVICE_NAME
+            indexer_pb2_grpc.add_IndexerServicer_to_server, IndexerServicer(
+                self.holder, self.loader, duplicates_workers=settings.duplicates_workers), SERVICE_NAME
         )
 
     def _on_ready(self, index: SearchIndex) -> None:

@@ -6,11 +6,12 @@ them into status codes (INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION, UNAVAI
 
 from __future__ import annotations
 
-from cbir import vectors
+from cbir import filters, vectors
 from cbir.errors import InvalidRequest, NotReady
 from cbir.local_features import BadLocalFeatures, LocalFeatures, from_bytes
 from cbir.v1 import common_pb2, indexer_pb2, indexer_pb2_grpc
 
+from . import duplicates_rpc
 from .index import IndexHolder, SearchHit
 from .loader import BundleLoader
 
@@ -33,23 +34,26 @@ def _local(request: indexer_pb2.QueryVectorRequest) -> list[LocalFeatures]:
 
 
 class IndexerServicer(indexer_pb2_grpc.IndexerServicer):
-    def __init__(self, holder: IndexHolder, loader: BundleLoader | None = None):
+    def __init__(self, holder: IndexHolder, loader: BundleLoader | None = None, *, duplicates_workers: int = 1):
         self.holder = holder
         self.loader = loader
+        self.duplicates_workers = duplicates_workers
 
     def QueryVector(self, request: indexer_pb2.QueryVectorRequest, context) -> indexer_pb2.QueryVectorResponse:
         with self.holder.lease() as index:
             index.check_fingerprint(request.model_fingerprint)  # a different model explains a wrong dimension
             vector = vectors.from_proto(request.vector, index.input_dimension)
+            regions = [vectors.from_proto(region, index.input_dimension) for region in request.regions]
             hits = index.query_vector(vector, k=request.k, search_k=request.search_k, local=_local(request),
-                                      min_score=request.min_score)
+                                      min_score=request.min_score, regions=regions,
+                                      conditions=filters.from_proto(request.filter))
             return indexer_pb2.QueryVectorResponse(hits=[_hit(h) for h in hits], bundle_version=index.version)
 
     def QueryItem(self, request: indexer_pb2.QueryItemRequest, context) -> indexer_pb2.QueryItemResponse:
         with self.holder.lease() as index:
             hits = index.query_item(
                 request.item_id, k=request.k, search_k=request.search_k, exclude_self=request.exclude_self,
-                min_score=request.min_score,
+                min_score=request.min_score, conditions=filters.from_proto(request.filter),
             )
             return indexer_pb2.QueryItemResponse(hits=[_hit(h) for h in hits], bundle_version=index.version)
 
@@ -74,3 +78,9 @@ class IndexerServicer(indexer_pb2_grpc.IndexerServicer):
             reloaded=result.reloaded, bundle_version=result.version, previous_version=result.previous_version,
             item_count=result.item_count, deleted_items=result.deleted_items, seconds=result.seconds,
         )
+
+    def FindDuplicates(self, request, context):
+        """A stream of FindDuplicatesResponse (services.indexer.duplicates_rpc)."""
+        rule = duplicates_rpc.rule_of(request)
+        with self.holder.lease() as index:
+            yield from duplicates_rpc.find_duplicates(index, rule, request, context, workers=self.duplicates_workers)

@@ -18,6 +18,8 @@ class IndexerSettings(ServerSettings):
     metrics_port: int | None = Field(9102, ge=0, le=65535, description="Prometheus /metrics port; unset = none")
     bundle: Path = Field(Path("bundles/demo"), description="bundle root (with `current`) or one version folder")
     max_k: int = Field(1000, ge=1, description="largest k a query may ask for")
+    duplicates_workers: int = Field(2, ge=1, le=64, description="query threads of one FindDuplicates (a pass over "
+                                    "every item: more finishes sooner and leaves fewer cores to searches)")
     prefault: bool = Field(False, description="read the whole Annoy file into memory at load (else on first use)")
     poll_seconds: float = Field(5.0, gt=0, description="how often to retry while the bundle is missing or broken")
     verify_checksums: bool = Field(
@@ -42,12 +44,14 @@ class IndexerSettings(ServerSettings):
     verify_top: int = Field(100, ge=0, le=1000, description="candidates verified with local features per query "
                             "(when the bundle and the query have them); 0 = no verification")
     verify_min_inliers: int = Field(10, ge=1, description="inliers that move a candidate to the front")
+    verify_region_k: int = Field(10, ge=0, le=100, description="nearest items of each of a query's region "
+                                 "vectors verified too (0 = region vectors ignored)")
     same_image_score: float = Field(0.97, ge=0, le=1, description="score from which a hit is the same image")
     copy_inliers: int = Field(12, ge=1, description="inliers from which a verified hit is a copy")
     copy_score: float = Field(0.95, ge=0, le=1, description="score from which an unverified hit is a copy")
     similar_score: float = Field(0.85, ge=0, le=1, description="score from which a hit is similar")
 
     def verification(self) -> Verification:
-        return Verification(top=self.verify_top, min_inliers=self.verify_min_inliers,
+        return Verification(top=self.verify_top, min_inliers=self.verify_min_inliers, region_k=self.verify_region_k,
                             same_image_score=self.same_image_score, copy_inliers=self.copy_inliers,
                             copy_score=self.copy_score, similar_score=self.similar_score)

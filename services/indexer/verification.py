@@ -36,6 +36,7 @@ class Verification:
     copy_inliers: int = 12
     copy_score: float = 0.95
     similar_score: float = 0.85
+    region_k: int = 10  # nearest items of each of a query's region vectors added to the verified candidates
 
     @property
     def min_matches(self) -> int:
