@@ -88,6 +88,11 @@ def _ranking(rows: np.ndarray, query: np.ndarray, metric: str, unit: bool = Fals
     return np.abs(rows - query).sum(axis=1)
 
 
+def distances(query: np.ndarray, rows: np.ndarray, metric: str) -> np.ndarray:
+    """Exact distances, in the backends' convention, from the index vector `query` to each of `rows`."""
+    return _distances(np.asarray(rows, dtype=np.float32), _query(query, metric), metric)
+
+
 def _distances(rows: np.ndarray, query: np.ndarray, metric: str) -> np.ndarray:
     if metric == "manhattan":
         return np.abs(rows - query).sum(axis=1).astype(np.float32)

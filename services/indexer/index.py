@@ -37,7 +37,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from cbir import metrics
-from cbir.bundle import Bundle, ItemRecord
+from cbir.bundle import Bundle, ItemRecord, exact
 from cbir.bundle.subset import ItemSubset
 from cbir.errors import Incompatible, InvalidRequest, NotFound, NotReady
 from cbir.filters import Filter
@@ -252,11 +252,7 @@ class SearchIndex:
     def _distances(self, array: np.ndarray, ids: Sequence[int]) -> list[float]:
         """Exact distances (Annoy's convention, as `score` reads them) from the index vector `array` to items."""
         rows = self.bundle.project(np.asarray(self.bundle.features()[np.asarray(ids)], dtype=np.float32))
-        if self.bundle.metric == "angular":
-            unit = lambda x: x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)  # noqa: E731
-            rows, array = unit(rows), unit(array)
-        order = 1 if self.bundle.metric == "manhattan" else 2
-        return [float(d) for d in np.linalg.norm(rows - array, ord=order, axis=1)]
+        return [float(d) for d in exact.distances(array, rows, self.bundle.metric)]
 
     @property
     def _has_local_features(self) -> bool:
