@@ -32,7 +32,11 @@ import numpy as np
 
 KIND = "rootsift"
 FORMAT = 1
-MAX_KEYPOINTS = 500
+MAX_KEYPOINTS = 500  # an indexed item's, stored in the bundle
+# A query's: a copy that shows its original small (pasted into another photo, one tile of a collage) keeps
+# few of its original's strongest 500 keypoints; 1,000 on the query side verify most of those (BENCHMARKS.md
+# "Query keypoints and finer windows") at no cost to the bundle.
+QUERY_KEYPOINTS = 1000
 MAX_SIDE = 512
 RATIO = 0.8
 RANSAC_PX = 6.0

@@ -65,22 +65,24 @@ def test_a_whitening_file_projects_and_normalises_and_knows_where_it_was_learned
     assert whitening.source == "devbench sfm_scenes pairs" and len(whitening.fingerprint) == 12
 
 
-def test_query_windows_are_a_3x3_grid_of_half_size_windows_inside_the_map():
+def test_query_windows_are_a_4x4_grid_of_windows_a_third_of_the_map_wide_inside_the_map():
     windows = descriptor.query_windows(14, 20)
-    assert len(windows) == 9 and {(sy, sx) for _, _, sy, sx in windows} == {(7, 10)}
-    assert {(y, x) for y, x, _, _ in windows} == {(y, x) for y in (0, 4, 7) for x in (0, 5, 10)}
-    # a map too small to hold distinct windows still gives nine, each inside it
+    assert (descriptor.QUERY_REGION_GRID, descriptor.QUERY_REGION_SCALE) == (4, 0.35)
+    assert len(windows) == 16 and {(sy, sx) for _, _, sy, sx in windows} == {(5, 7)}
+    assert {(y, x) for y, x, _, _ in windows} == {(y, x) for y in (0, 3, 6, 9) for x in (0, 4, 9, 13)}
+    # a map too small to hold distinct windows still gives sixteen, each inside it
     tiny = descriptor.query_windows(1, 3)
-    assert len(tiny) == 9 and all(y + sy <= 1 and x + sx <= 3 and sy >= 1 and sx >= 1 for y, x, sy, sx in tiny)
+    assert len(tiny) == 16 and all(y + sy <= 1 and x + sx <= 3 and sy >= 1 and sx >= 1 for y, x, sy, sx in tiny)
 
 
 def test_each_region_vector_is_the_unit_gem_of_its_window_and_differs_from_the_whole_map():
     fmap = np.random.default_rng(5).random((14, 20, 512), dtype=np.float32) ** 4
     regions = descriptor.region_vectors(fmap)
-    y, x, sy, sx = descriptor.query_windows(14, 20)[4]  # the centre window
-    assert regions.shape == (9, 512) and np.allclose(np.linalg.norm(regions, axis=1), 1.0, atol=1e-5)
-    assert np.allclose(regions[4], descriptor.pool(fmap[y:y + sy, x:x + sx], "gem"), atol=1e-6)
-    assert not np.allclose(regions[4], descriptor.pool(fmap, "gem"), atol=1e-3)
+    y, x, sy, sx = descriptor.query_windows(14, 20)[5]  # second row, second column
+    assert (y, x) == (3, 4)
+    assert regions.shape == (16, 512) and np.allclose(np.linalg.norm(regions, axis=1), 1.0, atol=1e-5)
+    assert np.allclose(regions[5], descriptor.pool(fmap[y:y + sy, x:x + sx], "gem"), atol=1e-6)
+    assert not np.allclose(regions[5], descriptor.pool(fmap, "gem"), atol=1e-3)
 
 
 @pytest.fixture(scope="module")
@@ -113,9 +115,9 @@ def test_images_keep_their_proportions_and_every_shape_gets_a_unit_vector(aspect
 def test_regions_come_after_the_image_vector_which_they_leave_unchanged(aspect_embedder):
     pixels = [aspect_embedder.decode(jpeg(640, 480, 1)), aspect_embedder.decode(jpeg(300, 900, 2))]
     rows = aspect_embedder.embed_pixels(pixels, regions=True)
-    assert rows.shape == (2, 10, 512) and np.allclose(np.linalg.norm(rows, axis=2), 1.0, atol=1e-5)
+    assert rows.shape == (2, 17, 512) and np.allclose(np.linalg.norm(rows, axis=2), 1.0, atol=1e-5)
     assert np.allclose(rows[:, 0], aspect_embedder.embed_pixels(pixels), atol=1e-5)
-    assert not np.allclose(rows[0, 1], rows[0, 9], atol=1e-3)  # opposite corners see different parts
+    assert not np.allclose(rows[0, 1], rows[0, 16], atol=1e-3)  # opposite corners see different parts
 
 
 def test_a_squash_model_has_no_region_vectors_and_says_so():

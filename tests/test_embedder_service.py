@@ -4,6 +4,7 @@ The model is built once for the module (2 CPU cores: every image costs ~0.15 s);
 """
 
 import io
+import pathlib
 import struct
 import threading
 import zlib
@@ -15,6 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image, ImageDraw
 from prometheus_client import REGISTRY
 
+from cbir import local_features as lf
 from cbir.v1 import embedder_pb2, embedder_pb2_grpc
 from cbir.vectors import from_proto
 from services.embedder.embedder import Embedder
@@ -140,14 +142,28 @@ def test_gem_vectors_are_512_d_unit_and_repeatable(stub, embedder):
 
 
 def test_region_vectors_are_returned_when_asked_and_only_then(stub, embedder):
-    """The default descriptor model sends nine unit region vectors of its own dimension with regions=True."""
+    """The default descriptor model sends sixteen unit region vectors of its own dimension with regions=True."""
     image = png(scene(1))
     asked = stub.Embed(embedder_pb2.EmbedRequest(images=[image], regions=True), timeout=60).results[0]
     plain = stub.Embed(embedder_pb2.EmbedRequest(images=[image]), timeout=60).results[0]
     regions = np.stack([from_proto(region) for region in asked.regions])
     assert embedder.has_regions and len(plain.regions) == 0
-    assert regions.shape == (9, embedder.dimension) and np.allclose(np.linalg.norm(regions, axis=1), 1.0, atol=1e-5)
+    assert regions.shape == (16, embedder.dimension) and np.allclose(np.linalg.norm(regions, axis=1), 1.0, atol=1e-5)
     assert np.allclose(from_proto(asked.vector), from_proto(plain.vector), atol=1e-6)
+
+
+def test_a_query_sends_more_keypoints_than_an_item_stores_and_its_mirrors(stub, embedder):
+    """local_features alone: what a bundle stores (at most 500 keypoints); with mirrored (a query): more
+    keypoints, the strongest of them those of the item, and as many of the mirror image."""
+    photo = (pathlib.Path(__file__).resolve().parent.parent / "demo" / "photos" / "opencv-baboon.jpg").read_bytes()
+    item = stub.Embed(embedder_pb2.EmbedRequest(images=[photo], local_features=True), timeout=60).results[0]
+    query = stub.Embed(embedder_pb2.EmbedRequest(images=[photo], local_features=True, mirrored=True),
+                       timeout=60).results[0]
+    stored, sent, mirror = (lf.from_bytes(b) for b in (item.local_features, query.local_features,
+                                                       query.local_features_mirrored))
+    assert len(item.local_features_mirrored) == 0 and len(stored) == lf.MAX_KEYPOINTS == 500
+    assert lf.MAX_KEYPOINTS < len(sent) <= lf.QUERY_KEYPOINTS == 1000 and len(mirror) > lf.MAX_KEYPOINTS
+    assert np.array_equal(sent.xy[:20], stored.xy[:20])  # the same strongest keypoints
 
 
 def test_different_images_give_different_vectors(stub):

@@ -288,3 +288,25 @@ def test_copy_detection_through_the_embedder_service_matches_in_process(stack, r
     assert remote["embedding"]["model"]["fingerprint"] == random_embedder.info.fingerprint
     assert [r["rank"] for r in remote["copies"]["per_query"]] == [r["rank"] for r in local["copies"]["per_query"]]
     assert remote["copies"]["queries"] == 3
+
+
+def test_the_vector_cache_drops_query_data_made_by_other_query_code(tmp_path, monkeypatch):
+    """Vectors and an item's local features survive any change of the query code; a query's local features
+    and region vectors are kept only while the query profile (keypoints, windows) is the one that made them."""
+    from apps.eval import embedding as eval_embedding
+    from cbir import local_features
+
+    cache = VectorCache(tmp_path, "fp")
+    regions = np.ones((16, 4), np.float32)
+    cache.put("query", np.ones(4, np.float32), (b"item", b"q", b"qm"), regions)
+    cache.put("item", np.zeros(4, np.float32), (b"only",))
+    cache.save()
+    again = VectorCache(tmp_path, "fp")
+    assert again.get("query")[1] == (b"item", b"q", b"qm") and np.array_equal(again.get("query")[2], regions)
+    assert again.get("item")[1] == (b"only",) and again.get("item")[2] is None
+
+    monkeypatch.setattr(local_features, "QUERY_KEYPOINTS", 2000)
+    assert "2000" in eval_embedding.query_profile()
+    changed = VectorCache(tmp_path, "fp")
+    vector, local, found = changed.get("query")
+    assert np.array_equal(vector, np.ones(4)) and local == (b"item",) and found is None

@@ -178,6 +178,16 @@ def test_local_features_put_the_original_first_as_a_copy(index, query_vector, qu
     assert hits[0].url == "file:///photos/original.jpg" and hits[0].metadata == {"row": "2"}
 
 
+
+def test_among_verified_candidates_the_most_inliers_come_first(index, query_vector):
+    """The query is the small JPEG copy itself: the far copy (global score ~0) shares far more keypoints with
+    it than the original (0.85) does, so it leads although the global order puts it last but fifteen."""
+    small_copy = np.asarray(Image.fromarray(rgb(ORIGINAL)).resize((300, 225), Image.LANCZOS))
+    hits = index.query_vector(query_vector, k=3, local=[lf.extract(jpeg(small_copy, 50))])
+    assert ids(hits)[:2] == ["far-copy", "original"]
+    assert hits[0].inliers > hits[1].inliers >= 10 and hits[0].score < hits[1].score
+
+
 def test_a_mirrored_query_needs_its_mirror_features(index, query_vector):
     """A mirrored copy of the original: with the mirror-back features in `local` the original comes first
     with hundreds of inliers."""

@@ -82,7 +82,7 @@ class ModelData:
     spec: ModelSpec
     info: object  # ModelInfo
     vectors: dict[str, np.ndarray]
-    local: dict[str, tuple[bytes, bytes]]
+    local: dict[str, tuple[bytes, ...]]  # an item's local features, then a query's and its mirror's
     regions: dict[str, np.ndarray]
     ms_per_image: float | None
     originals: list[str]

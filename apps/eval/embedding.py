@@ -146,14 +146,25 @@ def make_embedding(spec: ModelSpec, embedder_target: str | None = None):
 # ------------------------------------------------------------------------------------- embedding
 
 
+def query_profile() -> str:
+    """What a query sends besides its vector, as this code makes it: cached query data made otherwise
+    (other windows, other keypoints) is stale."""
+    from cbir import local_features
+    from services.embedder import descriptor
+
+    return (f"keypoints {local_features.QUERY_KEYPOINTS}; windows {descriptor.QUERY_REGION_GRID}x"
+            f"{descriptor.QUERY_REGION_GRID} at {descriptor.QUERY_REGION_SCALE}")
+
+
 class VectorCache:
-    """Vectors (and local features, with their mirror's, and a query's region vectors) of one model (by
-    fingerprint) keyed by the sha256 of the encoded image, kept on disk."""
+    """Vectors (and local features; a query's local features, its mirror's and its region vectors) of one
+    model (by fingerprint) keyed by the sha256 of the encoded image, kept on disk. A cache written with
+    another `query_profile` keeps its vectors and items' local features and drops its query data."""
 
     def __init__(self, folder: pathlib.Path | None, fingerprint: str):
         self.path = None if folder is None else pathlib.Path(folder).expanduser() / f"{fingerprint}.npz"
         self._vectors: dict[str, np.ndarray] = {}
-        self._local: dict[str, tuple[bytes, bytes]] = {}
+        self._local: dict[str, tuple[bytes, ...]] = {}  # (item's, then a query's and its mirror's when known)
         self._regions: dict[str, np.ndarray] = {}
         self._dirty = 0
         self.ms_per_image: float | None = None
@@ -162,11 +173,16 @@ class VectorCache:
                 with np.load(self.path, allow_pickle=False) as data:
                     keys = data["keys"].tolist()
                     self._vectors = dict(zip(keys, data["vectors"]))
+                    fresh = "query_profile" in data and str(data["query_profile"]) == query_profile()
                     if "local" in data:
-                        pairs = zip(unpack_blobs(data["local"], data["local_offsets"]),
-                                    unpack_blobs(data["mirrored"], data["mirrored_offsets"]))
-                        self._local = dict(zip(keys, pairs))
-                    if "region_keys" in data:
+                        items = unpack_blobs(data["local"], data["local_offsets"])
+                        if fresh:
+                            pairs = zip(items, unpack_blobs(data["query_local"], data["query_local_offsets"]),
+                                        unpack_blobs(data["query_mirrored"], data["query_mirrored_offsets"]))
+                            self._local = {k: (a, b, c) if b else (a,) for k, (a, b, c) in zip(keys, pairs)}
+                        else:
+                            self._local = {k: (a,) for k, a in zip(keys, items)}
+                    if fresh and "region_keys" in data:
                         rows = np.split(data["region_rows"], np.cumsum(data["region_counts"])[:-1])
                         self._regions = dict(zip(data["region_keys"].tolist(), rows))
                     if "ms_per_image" in data:
@@ -174,11 +190,11 @@ class VectorCache:
             except (OSError, KeyError, ValueError) as error:
                 log.warning("ignoring the unreadable vector cache %s: %s", self.path, error)
 
-    def get(self, digest: str) -> tuple[np.ndarray, tuple[bytes, bytes], np.ndarray | None] | None:
+    def get(self, digest: str) -> tuple[np.ndarray, tuple[bytes, ...], np.ndarray | None] | None:
         vector = self._vectors.get(digest)
-        return None if vector is None else (vector, self._local.get(digest, (b"", b"")), self._regions.get(digest))
+        return None if vector is None else (vector, self._local.get(digest, (b"",)), self._regions.get(digest))
 
-    def put(self, digest: str, vector: np.ndarray, local: tuple[bytes, bytes] = (b"", b""),
+    def put(self, digest: str, vector: np.ndarray, local: tuple[bytes, ...] = (b"",),
             regions: np.ndarray | None = None) -> None:
         self._vectors[digest] = vector
         self._local[digest] = local
@@ -193,9 +209,10 @@ class VectorCache:
         keys = list(self._vectors)
         tmp = self.path.with_suffix(".tmp.npz")
         extra = {} if self.ms_per_image is None else {"ms_per_image": np.float64(self.ms_per_image)}
-        local, local_offsets = pack_blobs([self._local.get(k, (b"", b""))[0] for k in keys])
-        mirrored, mirrored_offsets = pack_blobs([self._local.get(k, (b"", b""))[1] for k in keys])
-        extra |= dict(local=local, local_offsets=local_offsets, mirrored=mirrored, mirrored_offsets=mirrored_offsets)
+        for name, column in (("local", 0), ("query_local", 1), ("query_mirrored", 2)):
+            blobs, offsets = pack_blobs([(self._local.get(k, ()) + (b"", b"", b""))[column] for k in keys])
+            extra |= {name: blobs, f"{name}_offsets": offsets}
+        extra["query_profile"] = np.array(query_profile())
         if self._regions:
             region_keys = list(self._regions)
             extra |= dict(region_keys=np.array(region_keys),
@@ -213,13 +230,13 @@ class Job:
 
     key: str
     load: Callable[[], bytes]
-    query: bool = False  # a query of the protocol: needs its region vectors (a cached vector without them is redone)
+    query: bool = False  # a query of the protocol: needs its query data (a cached vector without it is redone)
 
 
 @dataclasses.dataclass
 class Embedded:
     vectors: dict[str, np.ndarray]
-    local: dict[str, tuple[bytes, bytes]]  # local features and its mirror's, when the model has them
+    local: dict[str, tuple[bytes, ...]]  # local features (then a query's and its mirror's), when the model has them
     regions: dict[str, np.ndarray]  # region vectors of the query jobs, when the model has them
     rejects: dict[str, str]
     embedded: int  # images that went through the model in this run (not from the cache)
@@ -234,19 +251,24 @@ def embed_jobs(jobs: Sequence[Job], embedding, *, cache: VectorCache | None = No
                workers: int = 4, progress: bool = True, desc: str = "embedding") -> Embedded:
     """Embed every job once: loads and decodes in threads, VGG-16 in batches; failures become rejects."""
     vectors: dict[str, np.ndarray] = {}
-    local: dict[str, tuple[bytes, bytes]] = {}
+    local: dict[str, tuple[bytes, ...]] = {}
     regions: dict[str, np.ndarray] = {}
     rejects: dict[str, str] = {}
     embedded, model_seconds = 0, 0.0
     needs_regions = getattr(embedding, "gives_regions", False)
+    needs_query_local = getattr(embedding, "gives_query_local", False)
+
+    def stale(cached) -> bool:
+        """A query's cached entry without what a query sends now (region vectors, query local features)."""
+        return (needs_regions and cached[2] is None) or (needs_query_local and len(cached[1]) < 3)
 
     def prepare(job: Job):
         try:
             data = job.load()
             digest = hashlib.sha256(data).hexdigest()
             cached = cache.get(digest) if cache is not None else None
-            if cached is not None and job.query and needs_regions and cached[2] is None:
-                cached = None  # cached before region vectors existed: this query is embedded again
+            if cached is not None and job.query and stale(cached):
+                cached = None  # cached by code that made query data otherwise: this query is embedded again
             if cached is not None:
                 return job, digest, None, cached, None
             return job, digest, embedding.prepare(data), None, None
@@ -268,7 +290,7 @@ def embed_jobs(jobs: Sequence[Job], embedding, *, cache: VectorCache | None = No
                 continue
             vector = np.asarray(result.vector, dtype=np.float32)
             vectors[job.key] = vector
-            local[job.key] = (result.local, result.local_mirrored)
+            local[job.key] = (result.local, *result.query_local)
             if result.regions is not None:
                 regions[job.key] = result.regions
             embedded += 1

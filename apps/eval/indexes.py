@@ -35,11 +35,11 @@ class BuiltIndex:
     """A real bundle written to a scratch folder and opened with the indexer's SearchIndex."""
 
     def __init__(self, root: pathlib.Path, ids: list[str], vectors: np.ndarray, model_info, spec: IndexSpec,
-                 local: Mapping[str, tuple[bytes, bytes]] | None = None,
+                 local: Mapping[str, tuple[bytes, ...]] | None = None,
                  regions: Mapping[str, np.ndarray] | None = None):
-        """`local`: key -> (local features, of the mirror image) of the gallery items and of the queries, when
-        the model has them: the bundle stores the items', `search` sends the queries' (as the gateway does),
-        with the queries' `regions` (key -> region vectors)."""
+        """`local`: key -> (an item's local features, then a query's and its mirror's) of the gallery items and
+        of the queries, when the model has them: the bundle stores the first, `search` sends the others (as the
+        gateway does), with the queries' `regions` (key -> region vectors)."""
         from cbir.bundle import open_bundle, write_bundle
         from services.indexer.index import SearchIndex
         from services.indexer.verification import Verification
@@ -49,7 +49,7 @@ class BuiltIndex:
         self.local = local if local and model_info.local_features else None
         self.regions = regions or {}
         stored = {} if self.local is None else dict(
-            local_features=[self.local.get(i, (b"", b""))[0] for i in ids], local_features_kind=model_info.local_features)
+            local_features=[self.local.get(i, (b"",))[0] for i in ids], local_features_kind=model_info.local_features)
         started = time.perf_counter()
         self.version_path = write_bundle(
             root, ids=ids, urls=[f"eval:{i}" for i in ids], vectors=vectors, model=model_info,
@@ -77,7 +77,7 @@ class BuiltIndex:
         self.last_hits = []
         k = min(k, self.item_count)
         for i, vector in enumerate(vectors):
-            blobs = self.local.get(keys[i], ()) if self.local is not None and keys is not None else ()
+            blobs = self.local.get(keys[i], ())[1:] if self.local is not None and keys is not None else ()
             started = time.perf_counter()
             local = [from_bytes(blob) for blob in blobs if blob]
             regions = self.regions.get(keys[i], ()) if keys is not None else ()

@@ -66,7 +66,7 @@ class _Vectors:
         self.info = self.embedding.info
         self.cache = VectorCache(options.cache_dir, self.info.fingerprint) if options.cache_dir else None
         self.vectors: dict[str, np.ndarray] = {}
-        self.local: dict[str, tuple[bytes, bytes]] = {}
+        self.local: dict[str, tuple[bytes, ...]] = {}
         self.regions: dict[str, np.ndarray] = {}
         self.rejects: dict[str, str] = {}
         self.embedded = 0

@@ -4,8 +4,8 @@ Both do the same two steps: `prepare` (runs in worker threads, in parallel: deco
 features for the local model, nothing for the service, which does both itself) and `embed` (one
 batch), which gives each image an `Embedded` (its vector, and its local features when the model
 has them: `info.local_features`) or the reason it was refused. Made `queries=True` (the evaluation,
-where any image may be a query), each also carries what a query sends the indexer: its mirror's
-local features and its region vectors.
+where any image may be a query), each also carries what a query sends the indexer: its query-side
+local features (more keypoints, and its mirror image's) and its region vectors.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ BUILD_RETRY = Retry({EMBEDDER_SERVICE: ("Embed", "GetModelInfo")}, codes=("UNAVA
 class Embedded(NamedTuple):
     vector: np.ndarray
     local: bytes = b""  # cbir.local_features bytes; b"" when the model has none
-    local_mirrored: bytes = b""  # of the mirror image, when the embedding was made with queries=True
+    query_local: tuple[bytes, ...] = ()  # as a query sends them (and its mirror's), when made with queries=True
     regions: np.ndarray | None = None  # (R, D) region vectors, when made with queries=True and the model has them
 
 
@@ -45,18 +45,21 @@ class LocalEmbedding:
         self._queries = queries
         self.info: common_pb2.ModelInfo = embedder.info
         self.gives_regions = queries and embedder.has_regions
+        self.gives_query_local = queries and embedder.has_local_features
 
-    def prepare(self, data: bytes) -> tuple[np.ndarray, list[bytes]]:
+    def prepare(self, data: bytes) -> tuple[np.ndarray, list[bytes], list[bytes]]:
         pixels = self._embedder.decode(data)
-        return pixels, self._embedder.local_features(pixels, mirrored=self._queries)
+        query = self._embedder.local_features(pixels, query=True) if self._queries else []
+        return pixels, self._embedder.local_features(pixels), query
 
-    def embed(self, prepared: list[tuple[np.ndarray, list[bytes]]]) -> list[Embedded | str]:
-        pixels = [p for p, _ in prepared]
+    def embed(self, prepared: list[tuple[np.ndarray, list[bytes], list[bytes]]]) -> list[Embedded | str]:
+        pixels = [p for p, _, _ in prepared]
         if self._queries and self._embedder.has_regions:
             rows = self._embedder.embed_pixels(pixels, regions=True)
-            return [Embedded(row[0], *local, regions=row[1:]) for row, (_, local) in zip(rows, prepared)]
+            return [Embedded(row[0], *local, query_local=tuple(query), regions=row[1:])
+                    for row, (_, local, query) in zip(rows, prepared)]
         vectors = self._embedder.embed_pixels(pixels if self._embedder.keep_aspect else np.stack(pixels))
-        return [Embedded(vector, *local) for vector, (_, local) in zip(vectors, prepared)]
+        return [Embedded(vector, *local, query_local=tuple(query)) for vector, (_, local, query) in zip(vectors, prepared)]
 
 
 class RemoteEmbedding:
@@ -71,6 +74,7 @@ class RemoteEmbedding:
         self._stub = embedder_pb2_grpc.EmbedderStub(self._channel)
         self.info = self._call(self._stub.GetModelInfo, embedder_pb2.GetModelInfoRequest()).model
         self.gives_regions = queries and ";source=" in self.info.pooling  # a descriptor model (`descriptor_name`)
+        self.gives_query_local = queries and bool(self.info.local_features)
 
     def prepare(self, data: bytes) -> bytes:
         if not data:
@@ -79,17 +83,26 @@ class RemoteEmbedding:
 
     def embed(self, prepared: list[bytes]) -> list[Embedded | str]:
         local = bool(self.info.local_features)
-        request = embedder_pb2.EmbedRequest(images=prepared, local_features=local, mirrored=local and self._queries,
-                                            regions=self._queries)
-        response = self._call(self._stub.Embed, request)
+        if not self._queries:
+            return [result.error or Embedded(vectors.from_proto(result.vector), result.local_features)
+                    for result in self._embed(prepared, local_features=local)]
+        # A query's local features (mirrored=True) are not what a bundle stores: with local features the
+        # images go twice, once as items and once as queries.
+        queries = self._embed(prepared, local_features=local, mirrored=local, regions=True)
+        items = self._embed(prepared, local_features=True) if local else queries
+        return [query.error or item.error or Embedded(
+                    vectors.from_proto(query.vector), item.local_features if local else b"",
+                    (query.local_features, query.local_features_mirrored) if local else (), _regions(query))
+                for query, item in zip(queries, items)]
+
+    def _embed(self, images: list[bytes], **options) -> list[embedder_pb2.EmbedResult]:
+        response = self._call(self._stub.Embed, embedder_pb2.EmbedRequest(images=images, **options))
         if response.model_fingerprint != self.info.fingerprint:
             raise RuntimeError(
                 f"the embedder's model changed during the build ({self.info.fingerprint} -> "
                 f"{response.model_fingerprint}); start the build again"
             )
-        return [result.error or Embedded(vectors.from_proto(result.vector), result.local_features,
-                                         result.local_features_mirrored, _regions(result))
-                for result in response.results]
+        return list(response.results)
 
     def _call(self, method, request):
         """One call; retries are gRPC's (BUILD_RETRY). wait_for_ready: a replica starting up is waited for."""

@@ -30,8 +30,8 @@ import numpy as np
 POOLINGS = ("gem", "mac", "avg", "rmac", "rgem")
 REGION_LEVELS = 3
 REGION_OVERLAP = 0.4
-QUERY_REGION_GRID = 3  # windows per side
-QUERY_REGION_SCALE = 0.5  # a window's height and width, as a fraction of the map's
+QUERY_REGION_GRID = 4  # windows per side
+QUERY_REGION_SCALE = 0.35  # a window's height and width, as a fraction of the map's (a pasted copy is 30-50 % wide)
 
 
 def l2n(x: np.ndarray, axis: int = -1, eps: float = 1e-12) -> np.ndarray:

@@ -217,16 +217,17 @@ class Embedder:
     def has_local_features(self) -> bool:
         return bool(self.info.local_features)
 
-    def local_features(self, image: np.ndarray, mirrored: bool = False) -> list[bytes]:
-        """The local features of one decoded image (`decode`), and with `mirrored` those of its mirror image;
+    def local_features(self, image: np.ndarray, query: bool = False) -> list[bytes]:
+        """The local features of one decoded image (`decode`): as an indexed item stores them, or as a query
+        sends them (`query`: `local_features.QUERY_KEYPOINTS` keypoints, then those of its mirror image);
         [] when this model has none."""
         if not self.has_local_features:
             return []
         with metrics.stage(SERVICE, "local_features"):
-            found = [local_features.to_bytes(local_features.extract(image))]
-            if mirrored:
-                found.append(local_features.to_bytes(local_features.extract(local_features.mirrored(image))))
-        return found
+            if not query:
+                return [local_features.to_bytes(local_features.extract(image))]
+            return [local_features.to_bytes(local_features.extract(variant, local_features.QUERY_KEYPOINTS))
+                    for variant in (image, local_features.mirrored(image))]
 
     @property
     def has_regions(self) -> bool:

@@ -82,7 +82,7 @@ class EmbedderServicer(embedder_pb2_grpc.EmbedderServicer):
                     log.debug("image %d of %d refused: %s", index, count, error)
                     continue
                 if local:
-                    found = embedder.local_features(pixels[-1], mirrored=request.mirrored)
+                    found = embedder.local_features(pixels[-1], query=request.mirrored)
                     results[index].local_features = found[0]
                     if request.mirrored:
                         results[index].local_features_mirrored = found[1]

@@ -168,7 +168,7 @@ class SearchIndex:
             pca_whiten=bool(m.pca and m.pca.whiten),
             default_search_k=m.default_search_k,
             local_features=m.local_features,
-            verify_top=self.verification.top if self._has_local_features else 0,
+            verify_top=self.verification.top if self.has_local_features else 0,
         )
 
     # -- checks
@@ -255,12 +255,12 @@ class SearchIndex:
         return [float(d) for d in exact.distances(array, rows, self.bundle.metric)]
 
     @property
-    def _has_local_features(self) -> bool:
+    def has_local_features(self) -> bool:
         """The bundle stores local features of the kind this indexer verifies with."""
         return self.bundle.local is not None and self.bundle.manifest.local_features == DESCRIPTION
 
     def _verifies(self, local: Sequence[LocalFeatures]) -> bool:
-        return bool(local) and self._has_local_features and self.verification.top > 0
+        return bool(local) and self.has_local_features and self.verification.top > 0
 
     def _candidates(self, k: int, local: Sequence[LocalFeatures]) -> int:
         """Neighbours to fetch: k, or the verified top when that is more."""
@@ -283,7 +283,7 @@ class SearchIndex:
             why = "was deleted (it is on the deletion list)" if record is not None else "is not"
             raise NotFound(f"item {item_id!r} {why} in index bundle {self.version}")
         self._search_k(k, search_k)  # refuses a negative search_k
-        local = [stored_features(self.bundle.local, record.annoy_id)] if self._has_local_features else []
+        local = [stored_features(self.bundle.local, record.annoy_id)] if self.has_local_features else []
         allowed = self._allowed.subset(conditions, hidden)
         with metrics.stage(SERVICE, "ann_query"):
             ids, distances = self.bundle.index.search_by_item(
@@ -305,10 +305,11 @@ class SearchIndex:
                 counts = count_inliers(local, self.bundle.local, [ids[i] for i in checked],
                                        self.verification.min_matches)
             accepted = [i for i, n in zip(checked, counts) if n >= self.verification.min_inliers]
-            accepted.sort(key=lambda i: distances[i])  # region candidates take their place by global score
+            count_of = dict(zip(checked, counts))
+            # most inliers first: another photo of the same printed design verifies too, with fewer
+            accepted.sort(key=lambda i: (-count_of[i], distances[i]))
             rest = [i for i, n in zip(checked, counts) if n < self.verification.min_inliers and i < found]
             verified = len(accepted) + len(rest)
-            count_of = dict(zip(checked, counts))
             order = accepted + rest + list(range(len(checked) - extra, found))
             ids, distances = [ids[i] for i in order], [distances[i] for i in order]
             inliers = [count_of.get(i, 0) for i in order]

@@ -3,7 +3,8 @@
 The global descriptor finds the right photo among the first hundred candidates far more often than
 first (devbench copies: top-100 0.97, first 0.86). Verification matches the query's local features
 (`cbir.local_features`) against those of the first `top` candidates; candidates with at least
-`min_inliers` inliers move to the front, each part keeping the global order.
+`min_inliers` inliers move to the front, most inliers first (the original of a copy ahead of other
+photos of the same printed design, which verify with fewer); the rest keep the global order.
 
 Match classes (a claim to the user). The thresholds are those of the default descriptor (224+448
 GeM, not whitened), calibrated on the top-20 hits of the devbench evaluation (BENCHMARKS.md "Match
