@@ -630,6 +630,9 @@ def health(target, service, timeout_s, quiet, use_tls=False, tls_ca=None, tls_ce
 @click.option("--verify-top", type=click.IntRange(1, 1000), default=None,
               help="Nearest items verified per item (class rules); the k judged are the first after verification "
                    "[default: 20, at least k].")
+@click.option("--search-k", type=click.IntRange(min=0), default=None,
+              help="Search effort per item (Annoy's search_k, efSearch, nprobe; 0 = the bundle's default) "
+                   "[default: scaled to the neighbours asked].")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.option("--csv", "as_csv", is_flag=True, help="Print CSV, one row per pair with its group number.")
 @click.option("--out", type=click.Path(dir_okay=False, writable=True, path_type=pathlib.Path), default=None,
@@ -638,7 +641,8 @@ def health(target, service, timeout_s, quiet, use_tls=False, tls_ca=None, tls_ce
 @click.option("--no-pdq", is_flag=True, help="Do not judge same images by PDQ perceptual hashes (those the build "
               "stored; for a bundle without them, hashes of its local image files).")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
-def duplicates(bundle, match_class, threshold, k, verify_top, as_json, as_csv, out, workers, no_pdq, no_progress):
+def duplicates(bundle, match_class, threshold, k, verify_top, search_k, as_json, as_csv, out, workers, no_pdq,
+               no_progress):
     """Groups of copies and near-duplicates in BUNDLE (a bundle root or a version folder), found through its
     index: each item's k nearest are judged (PDQ hashes, geometric verification, the global score), pairs are
     joined into groups. Deleted items are left out."""
@@ -652,7 +656,8 @@ def duplicates(bundle, match_class, threshold, k, verify_top, as_json, as_csv, o
     rule = dup.Rule(match_class=None, threshold=threshold) if threshold is not None else dup.Rule(match_class or "copy")
     try:
         report = dup.find_duplicates(bundle, rule, k=k, workers=workers or dup.default_workers(),
-                                     use_pdq=not no_pdq, progress=not no_progress, verify_top=verify_top)
+                                     use_pdq=not no_pdq, progress=not no_progress, verify_top=verify_top,
+                                     search_k=search_k)
     except BundleError as error:
         raise click.BadParameter(str(error), param_hint="BUNDLE") from None
     if report.pdq == "not_installed":

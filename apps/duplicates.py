@@ -137,7 +137,8 @@ def open_index(bundle: str | Path, k: int) -> SearchIndex:
 
 
 def find_duplicates(bundle: str | Path, rule: Rule | None = None, *, k: int = DEFAULT_K, workers: int = 1,
-                    use_pdq: bool = True, progress: bool = True, verify_top: int | None = None) -> Report:
+                    use_pdq: bool = True, progress: bool = True, verify_top: int | None = None,
+                    search_k: int | None = None) -> Report:
     """Query every served item of `bundle` for its k nearest, judge each hit, group the accepted pairs
     (`rule`: class "copy" when not given)."""
     started = time.perf_counter()
@@ -145,7 +146,8 @@ def find_duplicates(bundle: str | Path, rule: Rule | None = None, *, k: int = DE
     index = open_index(bundle, k)
     try:
         hashes, pdq_state = pdq_source(index, use_pdq)
-        scan = core.DuplicateScan(index, rule, k=k, workers=workers, pdq_source=hashes, verify_top=verify_top)
+        scan = core.DuplicateScan(index, rule, k=k, workers=workers, pdq_source=hashes, verify_top=verify_top,
+                                  search_k=search_k)
         searching = time.perf_counter()
         with tqdm(total=scan.total, unit="item", desc="finding duplicates", disable=not progress,
                   dynamic_ncols=True) as bar:

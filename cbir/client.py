@@ -118,15 +118,20 @@ class GatewayClient:
         threshold: float | None = None,
         k: int = 0,
         limit: int = 0,
+        verify_top: int = 0,
+        search_k: int = 0,
         timeout_s: float | None = None,
         on_progress: Callable[[duplicates_pb2.DuplicateProgress], None] | None = None,
     ) -> Iterator[duplicates_pb2.DuplicateGroup]:
         """Groups of copies over the whole collection, largest first (each: `items` with their URLs, `pairs`
         with `score`, `inliers`, `match`). `match_class` "copy" (the default: copies and the same image) or
         "near-duplicate" (the same image only), or instead `threshold` (pairs whose global score is >= it);
-        `k` nearest items judged per item (0: 10); `limit` the most groups (0: all). The groups arrive once every
-        item is searched; `on_progress` sees the progress before. Stop iterating to cancel the search."""
-        events = self.find_duplicates_events(match_class, threshold=threshold, k=k, limit=limit, timeout_s=timeout_s)
+        `k` nearest items judged per item (0: 10); `limit` the most groups (0: all); `verify_top` nearest items
+        verified per item (0: 20); `search_k` the search effort per item (0: scaled to the neighbours asked). The
+        groups arrive once every item is searched; `on_progress` sees the progress before. Stop iterating to
+        cancel the search."""
+        events = self.find_duplicates_events(match_class, threshold=threshold, k=k, limit=limit, verify_top=verify_top,
+                                             search_k=search_k, timeout_s=timeout_s)
         try:
             for event in events:
                 kind = event.WhichOneof("event")
@@ -138,12 +143,12 @@ class GatewayClient:
             events.cancel()  # nothing once the stream has ended; else stops the search
 
     def find_duplicates_events(self, match_class: str | None = None, *, threshold: float | None = None, k: int = 0,
-                               limit: int = 0, timeout_s: float | None = None):
+                               limit: int = 0, verify_top: int = 0, search_k: int = 0, timeout_s: float | None = None):
         """`find_duplicates`' stream itself: FindDuplicatesResponse messages (progress, then the groups, then one
         summary), iterable, with `cancel()`. `timeout_s` (default: the client's) bounds the whole search."""
         if match_class is not None and threshold is not None:
             raise ValueError("give a match class or a threshold, not both")
-        request = duplicates_pb2.FindDuplicatesRequest(k=k, limit=limit)
+        request = duplicates_pb2.FindDuplicatesRequest(k=k, limit=limit, verify_top=verify_top, search_k=search_k)
         if threshold is not None:
             request.threshold = threshold
         elif match_class is not None:

@@ -265,3 +265,36 @@ def test_classify_evidence_order():
     assert dup.classify(0.96, 0, False, None, v) == ("copy", "score")  # textureless: the unverified score rule
     assert dup.classify(0.90, 0, False, None, v) == ("similar", "score")
     assert dup.classify(0.5, 0, False, None, v) == ("", "score")
+
+
+def test_a_scan_spends_the_search_effort_of_the_neighbours_it_asks(tmp_path):
+    """A bundle's default search_k is set for 50 neighbours (trees x 50 x 10); a scan asking for 3 spends
+    trees x 3 x 10 per item, finds the same pairs as at the default effort here, and takes an effort it is
+    given (0 = the bundle's default); a negative one is refused in words."""
+    from cbir.bundle import search_k_for
+    from cbir.errors import InvalidRequest
+    from services.indexer import duplicates as core
+    from services.indexer.index import SearchIndex
+
+    rng = np.random.default_rng(4)
+    vectors = rng.standard_normal((600, 16)).astype(np.float32)
+    vectors[1] = vectors[0] + 0.01 * rng.standard_normal(16)  # one planted near-duplicate pair
+    ids = [f"i{n:03d}" for n in range(600)]
+    write_bundle(tmp_path / "b", ids=ids, urls=[f"https://example.invalid/{i}.jpg" for i in ids], vectors=vectors,
+                 model=common_pb2.ModelInfo(name="vgg16", feature="gem", dimension=16, fingerprint="fp-effort"),
+                 metric="angular", trees=5)
+    index = SearchIndex(open_bundle(tmp_path / "b"))
+    try:
+        assert index.bundle.manifest.default_search_k == 5 * 50 * 10
+        rule = core.Rule(match_class=None, threshold=0.99)
+        scaled, default = core.DuplicateScan(index, rule, k=3), core.DuplicateScan(index, rule, k=3, search_k=0)
+        assert (scaled.search_k, default.search_k) == (5 * 3 * 10, 0) == (search_k_for(index.bundle.manifest, 3), 0)
+        for scan in (scaled, default):
+            list(scan)
+        assert [g.items for g in scaled.groups()] == [g.items for g in default.groups()] == [["i000", "i001"]]
+        with pytest.raises(InvalidRequest, match="search_k must be >= 0"):
+            core.DuplicateScan(index, rule, search_k=-1)
+        with pytest.raises(InvalidRequest, match="verify_top .* between 1 and 1000, got 5000"):
+            core.DuplicateScan(index, core.Rule("copy"), verify_top=5000)
+    finally:
+        index.close()

@@ -13,6 +13,7 @@ import pytest
 from test_duplicates import COPIES, ORIGINALS, SAME_IMAGE, root  # noqa: F401 - `root`: the bundle fixture
 
 from apps import duplicates as dup
+from cbir import pdq
 from cbir.client import GatewayClient
 from cbir.health import wait_until_serving
 from cbir.v1 import duplicates_pb2, indexer_pb2_grpc
@@ -80,6 +81,10 @@ def test_the_stream_has_the_groups_cbir_duplicates_finds_with_urls_and_evidence(
     assert crop.decided_by == "inliers" and crop.inliers >= 12  # (random weights: every score ~1, "same_image")
     assert {frozenset((p.item_a, p.item_b)) for g in groups for p in g.pairs if p.decided_by == "pdq"} == \
         {frozenset((copy, COPIES[copy])) for copy in SAME_IMAGE}
+    # each pair carries its PDQ distance, as `cbir duplicates` measured it
+    assert {(p.item_a, p.item_b, p.pdq_distance if p.HasField("pdq_distance") else None) for g in groups
+            for p in g.pairs} == {(p.a, p.b, p.pdq_distance) for g in expected.groups for p in g.pairs}
+    assert all(p.pdq_distance <= pdq.MATCH_BITS for g in groups for p in g.pairs if p.decided_by == "pdq")
     for group in groups:
         assert all(item.url.startswith("file://") and item.url.endswith(item.item_id) for item in group.items)
     summary = events[-1].summary
@@ -110,6 +115,7 @@ def test_threshold_rule_and_limit_at_the_indexer(servers):
     ({"threshold": 1.5}, "the threshold is a similarity between 0 and 1, got 1.5"),
     ({"threshold": float("nan")}, "the threshold is a similarity between 0 and 1, got nan"),
     ({"k": 5000}, "k (the nearest items judged per item) must be between 1 and 1000, got 5000"),
+    ({"verify_top": 5000}, "verify_top (the nearest items verified per item) must be between 1 and 1000, got 5000"),
 ])
 def test_a_wrong_request_is_invalid_argument_in_words(client, request_args, message):
     """Through the gateway: the indexer's INVALID_ARGUMENT and its sentence come through unchanged, before any

@@ -32,7 +32,7 @@ from cbir.bundle.layout import (
 from cbir.bundle.manifest import FileEntry, Manifest, PcaSpec, model_to_dict
 from cbir.bundle.opened import Bundle
 from cbir.bundle.opening import open_bundle
-from cbir.bundle.search_k import DEFAULT_K, SEARCH_K_FACTOR, default_search_k
+from cbir.bundle.search_k import DEFAULT_K, SEARCH_K_FACTOR, default_search_k, search_k_for
 from cbir.bundle.versions import (
     add_deleted,
     deleted_list_path,
@@ -71,6 +71,7 @@ __all__ = [
     "PcaSpec",
     "add_deleted",
     "default_search_k",
+    "search_k_for",
     "deleted_list_path",
     "index_file",
     "list_versions",

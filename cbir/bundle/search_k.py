@@ -22,6 +22,16 @@ def default_search_k(trees: int, item_count: int) -> int:
     """
     return int(max(1, min(trees * DEFAULT_K * SEARCH_K_FACTOR, trees * item_count, _INT32_MAX)))
 
+def search_k_for(manifest, n: int) -> int:
+    """The effort of a search for only n candidates (n < DEFAULT_K), where a bundle's default is set for
+    DEFAULT_K: Annoy's candidates scale with n by the default's own rule (`trees * n * SEARCH_K_FACTOR`,
+    at most the default); 0 (the default) for faiss, whose efforts do not grow with k. What a duplicate
+    scan, which asks ~10-20 neighbours of every item, spends per item (BENCHMARKS.md "Duplicate finder")."""
+    if manifest.index_type != "annoy":
+        return 0
+    return int(max(1, min(manifest.trees * n * SEARCH_K_FACTOR, manifest.default_search_k)))
+
+
 # The faiss index types read a request's search_k as their own effort (0 = the bundle's default,
 # recorded as the manifest's default_search_k):
 # - hnsw, hnsw-sq8: efSearch, the size of the candidate list the graph search keeps (at least the

@@ -25,23 +25,23 @@ _sym_db = _symbol_database.Default()
 from cbir.v1 import common_pb2 as cbir_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x63\x62ir/v1/duplicates.proto\x12\x07\x63\x62ir.v1\x1a\x14\x63\x62ir/v1/common.proto\"e\n\x15\x46indDuplicatesRequest\x12\x15\n\x0bmatch_class\x18\x01 \x01(\tH\x00\x12\x13\n\tthreshold\x18\x02 \x01(\x02H\x00\x12\t\n\x01k\x18\x03 \x01(\r\x12\r\n\x05limit\x18\x04 \x01(\rB\x06\n\x04rule\"\xa9\x01\n\x16\x46indDuplicatesResponse\x12.\n\x08progress\x18\x01 \x01(\x0b\x32\x1a.cbir.v1.DuplicateProgressH\x00\x12(\n\x05group\x18\x02 \x01(\x0b\x32\x17.cbir.v1.DuplicateGroupH\x00\x12,\n\x07summary\x18\x03 \x01(\x0b\x32\x19.cbir.v1.DuplicateSummaryH\x00\x42\x07\n\x05\x65vent\"U\n\x11\x44uplicateProgress\x12\x16\n\x0eitems_searched\x18\x01 \x01(\x04\x12\x13\n\x0bitems_total\x18\x02 \x01(\x04\x12\x13\n\x0bpairs_found\x18\x03 \x01(\x04\"e\n\x0e\x44uplicateGroup\x12\x0e\n\x06number\x18\x01 \x01(\r\x12\x1c\n\x05items\x18\x02 \x03(\x0b\x32\r.cbir.v1.Item\x12%\n\x05pairs\x18\x03 \x03(\x0b\x32\x16.cbir.v1.DuplicatePair\"r\n\rDuplicatePair\x12\x0e\n\x06item_a\x18\x01 \x01(\t\x12\x0e\n\x06item_b\x18\x02 \x01(\t\x12\r\n\x05score\x18\x03 \x01(\x02\x12\x0f\n\x07inliers\x18\x04 \x01(\r\x12\r\n\x05match\x18\x05 \x01(\t\x12\x12\n\ndecided_by\x18\x06 \x01(\t\"\xba\x01\n\x10\x44uplicateSummary\x12\x0e\n\x06groups\x18\x01 \x01(\x04\x12\x13\n\x0bgroups_sent\x18\x02 \x01(\x04\x12\r\n\x05pairs\x18\x03 \x01(\x04\x12\x17\n\x0fitems_in_groups\x18\x04 \x01(\x04\x12\x16\n\x0eitems_searched\x18\x05 \x01(\x04\x12\x18\n\x10\x64\x65leted_left_out\x18\x06 \x01(\x04\x12\x0f\n\x07seconds\x18\x07 \x01(\x01\x12\x16\n\x0e\x62undle_version\x18\x08 \x01(\tb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x63\x62ir/v1/duplicates.proto\x12\x07\x63\x62ir.v1\x1a\x14\x63\x62ir/v1/common.proto\"\x8b\x01\n\x15\x46indDuplicatesRequest\x12\x15\n\x0bmatch_class\x18\x01 \x01(\tH\x00\x12\x13\n\tthreshold\x18\x02 \x01(\x02H\x00\x12\t\n\x01k\x18\x03 \x01(\r\x12\r\n\x05limit\x18\x04 \x01(\r\x12\x12\n\nverify_top\x18\x05 \x01(\r\x12\x10\n\x08search_k\x18\x06 \x01(\rB\x06\n\x04rule\"\xa9\x01\n\x16\x46indDuplicatesResponse\x12.\n\x08progress\x18\x01 \x01(\x0b\x32\x1a.cbir.v1.DuplicateProgressH\x00\x12(\n\x05group\x18\x02 \x01(\x0b\x32\x17.cbir.v1.DuplicateGroupH\x00\x12,\n\x07summary\x18\x03 \x01(\x0b\x32\x19.cbir.v1.DuplicateSummaryH\x00\x42\x07\n\x05\x65vent\"U\n\x11\x44uplicateProgress\x12\x16\n\x0eitems_searched\x18\x01 \x01(\x04\x12\x13\n\x0bitems_total\x18\x02 \x01(\x04\x12\x13\n\x0bpairs_found\x18\x03 \x01(\x04\"e\n\x0e\x44uplicateGroup\x12\x0e\n\x06number\x18\x01 \x01(\r\x12\x1c\n\x05items\x18\x02 \x03(\x0b\x32\r.cbir.v1.Item\x12%\n\x05pairs\x18\x03 \x03(\x0b\x32\x16.cbir.v1.DuplicatePair\"\x9e\x01\n\rDuplicatePair\x12\x0e\n\x06item_a\x18\x01 \x01(\t\x12\x0e\n\x06item_b\x18\x02 \x01(\t\x12\r\n\x05score\x18\x03 \x01(\x02\x12\x0f\n\x07inliers\x18\x04 \x01(\r\x12\r\n\x05match\x18\x05 \x01(\t\x12\x12\n\ndecided_by\x18\x06 \x01(\t\x12\x19\n\x0cpdq_distance\x18\x07 \x01(\rH\x00\x88\x01\x01\x42\x0f\n\r_pdq_distance\"\xba\x01\n\x10\x44uplicateSummary\x12\x0e\n\x06groups\x18\x01 \x01(\x04\x12\x13\n\x0bgroups_sent\x18\x02 \x01(\x04\x12\r\n\x05pairs\x18\x03 \x01(\x04\x12\x17\n\x0fitems_in_groups\x18\x04 \x01(\x04\x12\x16\n\x0eitems_searched\x18\x05 \x01(\x04\x12\x18\n\x10\x64\x65leted_left_out\x18\x06 \x01(\x04\x12\x0f\n\x07seconds\x18\x07 \x01(\x01\x12\x16\n\x0e\x62undle_version\x18\x08 \x01(\tb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'cbir.v1.duplicates_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINDDUPLICATESREQUEST']._serialized_start=59
-  _globals['_FINDDUPLICATESREQUEST']._serialized_end=160
-  _globals['_FINDDUPLICATESRESPONSE']._serialized_start=163
-  _globals['_FINDDUPLICATESRESPONSE']._serialized_end=332
-  _globals['_DUPLICATEPROGRESS']._serialized_start=334
-  _globals['_DUPLICATEPROGRESS']._serialized_end=419
-  _globals['_DUPLICATEGROUP']._serialized_start=421
-  _globals['_DUPLICATEGROUP']._serialized_end=522
-  _globals['_DUPLICATEPAIR']._serialized_start=524
-  _globals['_DUPLICATEPAIR']._serialized_end=638
-  _globals['_DUPLICATESUMMARY']._serialized_start=641
-  _globals['_DUPLICATESUMMARY']._serialized_end=827
+  _globals['_FINDDUPLICATESREQUEST']._serialized_start=60
+  _globals['_FINDDUPLICATESREQUEST']._serialized_end=199
+  _globals['_FINDDUPLICATESRESPONSE']._serialized_start=202
+  _globals['_FINDDUPLICATESRESPONSE']._serialized_end=371
+  _globals['_DUPLICATEPROGRESS']._serialized_start=373
+  _globals['_DUPLICATEPROGRESS']._serialized_end=458
+  _globals['_DUPLICATEGROUP']._serialized_start=460
+  _globals['_DUPLICATEGROUP']._serialized_end=561
+  _globals['_DUPLICATEPAIR']._serialized_start=564
+  _globals['_DUPLICATEPAIR']._serialized_end=722
+  _globals['_DUPLICATESUMMARY']._serialized_start=725
+  _globals['_DUPLICATESUMMARY']._serialized_end=911
 # @@protoc_insertion_point(module_scope)

@@ -8,16 +8,20 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class FindDuplicatesRequest(_message.Message):
-    __slots__ = ("match_class", "threshold", "k", "limit")
+    __slots__ = ("match_class", "threshold", "k", "limit", "verify_top", "search_k")
     MATCH_CLASS_FIELD_NUMBER: _ClassVar[int]
     THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
     LIMIT_FIELD_NUMBER: _ClassVar[int]
+    VERIFY_TOP_FIELD_NUMBER: _ClassVar[int]
+    SEARCH_K_FIELD_NUMBER: _ClassVar[int]
     match_class: str
     threshold: float
     k: int
     limit: int
-    def __init__(self, match_class: _Optional[str] = ..., threshold: _Optional[float] = ..., k: _Optional[int] = ..., limit: _Optional[int] = ...) -> None: ...
+    verify_top: int
+    search_k: int
+    def __init__(self, match_class: _Optional[str] = ..., threshold: _Optional[float] = ..., k: _Optional[int] = ..., limit: _Optional[int] = ..., verify_top: _Optional[int] = ..., search_k: _Optional[int] = ...) -> None: ...
 
 class FindDuplicatesResponse(_message.Message):
     __slots__ = ("progress", "group", "summary")
@@ -50,20 +54,22 @@ class DuplicateGroup(_message.Message):
     def __init__(self, number: _Optional[int] = ..., items: _Optional[_Iterable[_Union[_common_pb2.Item, _Mapping]]] = ..., pairs: _Optional[_Iterable[_Union[DuplicatePair, _Mapping]]] = ...) -> None: ...
 
 class DuplicatePair(_message.Message):
-    __slots__ = ("item_a", "item_b", "score", "inliers", "match", "decided_by")
+    __slots__ = ("item_a", "item_b", "score", "inliers", "match", "decided_by", "pdq_distance")
     ITEM_A_FIELD_NUMBER: _ClassVar[int]
     ITEM_B_FIELD_NUMBER: _ClassVar[int]
     SCORE_FIELD_NUMBER: _ClassVar[int]
     INLIERS_FIELD_NUMBER: _ClassVar[int]
     MATCH_FIELD_NUMBER: _ClassVar[int]
     DECIDED_BY_FIELD_NUMBER: _ClassVar[int]
+    PDQ_DISTANCE_FIELD_NUMBER: _ClassVar[int]
     item_a: str
     item_b: str
     score: float
     inliers: int
     match: str
     decided_by: str
-    def __init__(self, item_a: _Optional[str] = ..., item_b: _Optional[str] = ..., score: _Optional[float] = ..., inliers: _Optional[int] = ..., match: _Optional[str] = ..., decided_by: _Optional[str] = ...) -> None: ...
+    pdq_distance: int
+    def __init__(self, item_a: _Optional[str] = ..., item_b: _Optional[str] = ..., score: _Optional[float] = ..., inliers: _Optional[int] = ..., match: _Optional[str] = ..., decided_by: _Optional[str] = ..., pdq_distance: _Optional[int] = ...) -> None: ...
 
 class DuplicateSummary(_message.Message):
     __slots__ = ("groups", "groups_sent", "pairs", "items_in_groups", "items_searched", "deleted_left_out", "seconds", "bundle_version")

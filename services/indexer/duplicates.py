@@ -31,7 +31,7 @@ from typing import Protocol
 import numpy as np
 
 from cbir import local_features, pdq
-from cbir.bundle import ItemRecord
+from cbir.bundle import ItemRecord, search_k_for
 from cbir.errors import InvalidRequest
 from services.indexer.index import SearchHit, SearchIndex
 from services.indexer.verification import Verification
@@ -47,6 +47,7 @@ DEFAULT_K = 10
 # the frame or the background). devbench copies (BENCHMARKS.md, "Duplicate finder"): copies grouped with
 # their original 0.897 / 0.930 / 0.938 verifying 10 / 20 / 30, at 32 / 19 / 15 items/s.
 DEFAULT_VERIFY_TOP = 20
+MAX_VERIFY_TOP = 1000  # each verified candidate costs ~5 ms per item
 _STRENGTH = {"": 0, "similar": 1, "copy": 2, "same_image": 3}
 
 
@@ -287,17 +288,25 @@ class DuplicateScan:
     Class rules verify the first `verify_top` candidates of each query (DEFAULT_VERIFY_TOP when not given,
     at least k; not the indexer's `Verification.top`) and judge the first k hits after verification (the
     verified ones first, as a search ranks them). `pdq_source`: the bundle's stored hashes when not given
-    (`NoPdq("off")` to judge without PDQ)."""
+    (`NoPdq("off")` to judge without PDQ). `search_k`: the search effort per item, when not given one
+    scaled to the candidates asked (`cbir.bundle.search_k_for`: a bundle's default is set for 50)."""
 
     def __init__(self, index: SearchIndex, rule: Rule, *, k: int = DEFAULT_K, workers: int = 1,
-                 pdq_source: PdqSource | None = None, verify_top: int | None = None):
+                 pdq_source: PdqSource | None = None, verify_top: int | None = None, search_k: int | None = None):
         if not 1 <= k <= index.max_k:
             raise InvalidRequest(f"k (the nearest items judged per item) must be between 1 and {index.max_k}, "
                                  f"got {k}")
+        if verify_top is not None and not 1 <= verify_top <= MAX_VERIFY_TOP:
+            raise InvalidRequest(f"verify_top (the nearest items verified per item) must be between 1 and "
+                                 f"{MAX_VERIFY_TOP}, got {verify_top}")
+        if search_k is not None and search_k < 0:
+            raise InvalidRequest(f"search_k must be >= 0 (0 = the bundle's default), got {search_k}")
         top = max(k, verify_top or DEFAULT_VERIFY_TOP) if rule.verifies else 0
         self.index = index.with_verification(dataclasses.replace(index.verification, top=top))
         self.rule = rule
         self.k = min(k, max(1, index.served_count - 1))
+        asked = max(self.k, top) if index.has_local_features else self.k  # the neighbours query_item fetches
+        self.search_k = search_k_for(index.bundle.manifest, asked) if search_k is None else search_k
         self.workers = workers
         self.total = index.served_count
         self.searched = 0
@@ -313,7 +322,8 @@ class DuplicateScan:
             yield self.searched
 
     def _search(self, record: ItemRecord) -> list[Pair]:
-        hits = self.index.query_item(record.item_id, k=self.k, exclude_self=True, min_score=self.rule.min_score)
+        hits = self.index.query_item(record.item_id, k=self.k, search_k=self.search_k, exclude_self=True,
+                                     min_score=self.rule.min_score)
         return self._judge.pairs(record, hits)
 
     @property

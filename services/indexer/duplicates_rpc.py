@@ -38,7 +38,8 @@ def find_duplicates(index: SearchIndex, rule: Rule, request: duplicates_pb2.Find
     groups (largest first, at most `request.limit`), the summary. Ends early, without a word, when the caller
     has gone away."""
     started = time.perf_counter()
-    scan = DuplicateScan(index, rule, k=request.k or DEFAULT_K, workers=workers)
+    scan = DuplicateScan(index, rule, k=request.k or DEFAULT_K, workers=workers, verify_top=request.verify_top or None,
+                         search_k=request.search_k or None)
     yield _progress(scan)
     reported = time.monotonic()
     for _ in scan:
@@ -71,5 +72,6 @@ def _group(index: SearchIndex, number: int, group: Group) -> duplicates_pb2.Dupl
         number=number,
         items=[common_pb2.Item(item_id=r.item_id, url=r.url, metadata=r.metadata) for r in records if r is not None],
         pairs=[duplicates_pb2.DuplicatePair(item_a=p.a, item_b=p.b, score=p.score, inliers=p.inliers, match=p.match,
-                                            decided_by=p.decided_by) for p in group.pairs],
+                                            decided_by=p.decided_by, pdq_distance=p.pdq_distance)
+               for p in group.pairs],
     )
