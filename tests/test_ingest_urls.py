@@ -50,7 +50,7 @@ def test_an_open_images_manifest_is_downloaded_with_limits_retries_and_rejects(t
     ids, _ = bundle_contents(tmp_path / "bundle")
     assert ids == [image_id for image_id, _ in good] + ["flaky"]
     assert image_server.hits["/flaky.png"] == 3  # two 503s, then the image
-    assert 1 < image_server.max_in_flight <= 3
+    assert 1 < image_server.max_held <= 3
     rejects = {r["item_id"]: r for r in map(json.loads, (tmp_path / "bundle" / "rejects.jsonl").read_text().splitlines())}
     assert set(rejects) == {"missing", "huge", "page", "slow", "text"}
     assert "HTTP 404" in rejects["missing"]["reason"]

@@ -63,7 +63,8 @@ class ImageServer:
     def __init__(self):
         self.hits: Counter[str] = Counter()
         self.in_flight = 0
-        self.max_in_flight = 0
+        self.held = 0  # /hold requests being held now, and the most at once
+        self.max_held = 0
         self.lock = threading.Lock()
         self.release = threading.Event()  # ends /hold and /stall early at teardown
         self.flaky_failures = 2
@@ -80,7 +81,6 @@ class ImageServer:
                 with server.lock:
                     server.hits[self.path] += 1
                     server.in_flight += 1
-                    server.max_in_flight = max(server.max_in_flight, server.in_flight)
                 try:
                     server.route(self)
                 except (BrokenPipeError, ConnectionResetError):
@@ -155,7 +155,14 @@ class ImageServer:
         elif path.startswith("/status/"):
             self.send(h, int(path.rsplit("/", 1)[1]), b"nope", "text/plain")
         elif path.startswith("/hold/"):  # held until released: shows how many run at once
+            # Counted while held, before the answer is written: a client that has its answer can no longer be
+            # counted (in_flight, which ends when the handler thread does, can still count a finished request).
+            with self.lock:
+                self.held += 1
+                self.max_held = max(self.max_held, self.held)
             self.release.wait(float(h.path.rsplit("=", 1)[1]) if "=" in h.path else 0.3)
+            with self.lock:
+                self.held -= 1
             self.send(h, 200, self.files["red.png"])
         else:
             self.send(h, 404, b"no", "text/plain")
@@ -278,7 +285,7 @@ def test_at_most_per_host_downloads_run_at_once(image_server):
     for thread in threads:
         thread.join(30)
     assert sum(image_server.hits[f"/hold/{i}?t=0.2"] for i in range(8)) == 8
-    assert image_server.max_in_flight == 2
+    assert image_server.max_held == 2
 
 
 def test_a_name_is_resolved_once_and_the_checked_address_is_the_one_connected_to(image_server):
