@@ -86,6 +86,10 @@ def index():
                    "running VGG-16 in this process.")
 @click.option("--parallel-batches", type=click.IntRange(min=1), default=4,
               help="With --embedder: batches in flight (spread over the replicas).")
+@click.option("--ray", "ray_address", is_flag=False, flag_value="local", default=None, metavar="[ADDRESS]",
+              help="Embed on a Ray cluster with Ray Data (one model per actor: one per GPU, else one per node; "
+                   "needs cbir[ray]). --ray alone: this machine's Ray (a new one if none runs); --ray auto: the "
+                   "cluster this runs in (RAY_ADDRESS); or HOST:PORT, ray://HOST:10001.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @click.option("--incremental", is_flag=True,
               help="Add to the live version of --out: reuse its vectors, embed only the images it lacks.")
@@ -111,19 +115,22 @@ def index_build(source, out, feature, weights, metric, trees, pca_dimension, pca
                 read_workers, embedder_target, parallel_batches, no_progress, incremental=False, deleted_file=None,
                 shard_size=1024, fetch_timeout=20.0, fetch_retries=3, fetch_workers=16, per_host=4,
                 public_urls_only=False, tls_ca=None, tls_cert=None, tls_key=None, index_type="annoy",
-                index_params=()):
+                index_params=(), ray_address=None):
     """Embed every image of SOURCE (a folder, or a .csv/.jsonl manifest with an id and a path or URL
     per row) and write a new index bundle version under --out."""
     from cbir.logs import setup_logging
     from apps.ingest.build import BuildOptions, build_index
 
     from apps.ingest.sources import SourceError
+    from apps.ingest.ray_embed import RayError
     from cbir.bundle import InvalidBundleInput
 
     params = _index_params(index_type, metric, index_params)
     setup_logging()
     tls = _client_tls(tls_ca, tls_cert, tls_key)
-    embedding = _embedding(embedder_target, feature, weights, parallel_batches, tls=tls)
+    if ray_address is not None:
+        _join_ray(ray_address, embedder_target)
+    embedding = _embedding(embedder_target, feature, weights, parallel_batches, tls=tls, ray=ray_address is not None)
     deleted = frozenset()
     if deleted_file is not None:
         deleted = frozenset(line.rstrip("\r") for line in deleted_file.read_text(encoding="utf-8").split("\n")
@@ -133,10 +140,11 @@ def index_build(source, out, feature, weights, metric, trees, pca_dimension, pca
                            batch_size=batch_size, read_workers=read_workers, progress=not no_progress,
                            incremental=incremental, deleted=deleted, shard_size=shard_size,
                            fetch_timeout_s=fetch_timeout, fetch_retries=fetch_retries, fetch_workers=fetch_workers,
-                           fetch_per_host=per_host, allow_private_urls=not public_urls_only)
+                           fetch_per_host=per_host, allow_private_urls=not public_urls_only,
+                           ray_address=ray_address)
     try:
         result = build_index(source, out, embedding, options)
-    except (SourceError, InvalidBundleInput) as error:
+    except (SourceError, InvalidBundleInput, RayError) as error:
         raise click.ClickException(str(error)) from None
     if result.reused or result.deleted or result.transient:
         click.echo(f"{result.embedded} embedded, {result.reused} reused, {result.deleted} left out as deleted"
@@ -178,7 +186,20 @@ def _client_tls(ca, cert, key):
         raise click.BadParameter(str(error), param_hint="--tls-cert/--tls-key") from None
 
 
-def _embedding(embedder_target, feature, weights, parallel_batches, tls=None):
+def _join_ray(address: str, embedder_target) -> None:
+    """Connect to Ray before any work: a wrong address is refused at once, in a sentence."""
+    from apps.ingest.ray_embed import RayError, connect
+
+    if embedder_target:
+        raise click.UsageError("--ray runs the model in Ray actors and --embedder sends the images to an embedder "
+                               "service: give one of them")
+    try:
+        connect(address)
+    except RayError as error:
+        raise click.ClickException(str(error)) from None
+
+
+def _embedding(embedder_target, feature, weights, parallel_batches, tls=None, ray=False):
     from apps.ingest.embedding import LocalEmbedding, RemoteEmbedding
 
     if embedder_target:
@@ -187,6 +208,10 @@ def _embedding(embedder_target, feature, weights, parallel_batches, tls=None):
     from services.embedder.settings import EmbedderSettings
 
     settings = EmbedderSettings(feature=feature, weights=weights)
+    if ray:
+        from apps.ingest.ray_embed import RayEmbedding
+
+        return RayEmbedding(settings)  # the Ray actors load the model from these settings
     return LocalEmbedding(Embedder.from_settings(settings))
 
 

@@ -71,6 +71,8 @@ class BuildOptions:
     fetch_per_host: int = 4
     allow_private_urls: bool = True  # the manifest is the operator's own: internal hosts are fine
     fetch_content_types: tuple[str, ...] = ("image/", "application/octet-stream", "binary/octet-stream")
+    ray_address: str | None = None  # embed on this Ray cluster (apps.ingest.ray_embed; needs a RayEmbedding)
+    ray_actors: int = 0  # models (Ray actors) at once; 0 = one per GPU, else one per node
 
 
 @dataclasses.dataclass
@@ -194,10 +196,13 @@ def _build(source, out: pathlib.Path, embedding, options: BuildOptions) -> Build
     transient: dict[str, str] = {}
     downloader = _downloader(options) if any(is_remote(item.location) for item in todo) else None
     pdqhash = pdq.load_pdqhash()
+    embed_all = _embed_all
+    if options.ray_address is not None:
+        from apps.ingest.ray_embed import embed_all  # Ray Data feeds the same shards (Ray is an optional extra)
     try:
         with tqdm(total=len(items), initial=len(items) - len(todo), unit="img", desc="embedding",
                   disable=not options.progress, dynamic_ncols=True) as bar:
-            for item, result, reason, passing in _embed_all(todo, embedding, options, downloader, pdqhash):
+            for item, result, reason, passing in embed_all(todo, embedding, options, downloader, pdqhash):
                 if reason is None:
                     embedded, record = result
                     vectors[item.item_id] = embedded.vector
