@@ -29,11 +29,12 @@ def _index_options(function):
              "nlist, pq_m, nprobe (ivfpq); rerank, train_size, seed (hnsw-sq8, ivfpq). ef_search and nprobe "
              "set the bundle's default effort.")(function)
     return click.option(
-        "--index", "index_type", type=click.Choice(["annoy", "hnsw", "hnsw-sq8", "ivfpq"]),
+        "--index", "index_type", type=click.Choice(["annoy", "hnsw", "hnsw-sq8", "ivfpq", "milvus"]),
         default=defaults.INDEX_TYPE,
         help="Index type: annoy (trees), hnsw (faiss HNSW, exact distances), hnsw-sq8 (HNSW over 8-bit "
-             "vectors, re-ranked exactly), ivfpq (faiss IVF-PQ, re-ranked exactly; >= 9,984 items). The faiss "
-             "types serve angular and euclidean only.")(function)
+             "vectors, re-ranked exactly), ivfpq (faiss IVF-PQ, re-ranked exactly; >= 9,984 items), milvus (a "
+             "Milvus collection at CBIR_MILVUS_URI, else a milvus-lite database in the version folder; needs "
+             "cbir[milvus]). The faiss and milvus types serve angular and euclidean only.")(function)
 
 
 def _server_options(function):

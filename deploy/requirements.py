@@ -38,7 +38,9 @@ SERVICES: dict[str, list[str]] = {
     # (OpenCV's RANSAC on the stored local features); and `cbir index build --embedder ...` (the
     # one-shot build job), which embeds through the embedder service and decodes images with Pillow
     # only to check them.
-    "indexer": COMMON + ["annoy", "faiss-cpu", "numpy", "pillow", "tqdm", "urllib3", "opencv-python-headless"],
+    # pymilvus: a bundle whose index is a Milvus collection (--index milvus), imported only for one.
+    "indexer": COMMON + ["annoy", "faiss-cpu", "numpy", "pillow", "tqdm", "urllib3", "opencv-python-headless",
+                         "pymilvus"],
     # SearchByUrl downloads images with cbir.download (urllib3).
     "gateway": COMMON + ["urllib3"],
     "ui": COMMON + ["gradio", "pillow"],
@@ -54,9 +56,16 @@ def requirement_name(requirement: str) -> str:
 
 
 def pinned(pyproject: Path) -> dict[str, str]:
-    """name -> requirement line of pyproject's [project] dependencies."""
-    dependencies = tomllib.loads(pyproject.read_text())["project"]["dependencies"]
-    return {requirement_name(line): line for line in dependencies}
+    """name -> requirement line of pyproject's [project] dependencies and optional extras (the same pins the
+    tests ran with; an image takes an extra's package only where SERVICES names it)."""
+    project = tomllib.loads(pyproject.read_text())["project"]
+    lines = list(project["dependencies"])
+    for extra in project.get("optional-dependencies", {}).values():
+        lines += [line for line in extra if requirement_name(line) != "cbir"]
+    table = {}
+    for line in lines:
+        table.setdefault(requirement_name(line), line)  # the main dependencies first
+    return table
 
 
 def requirements(service: str, pyproject: Path, tensorflow_extras: str = "") -> list[str]:

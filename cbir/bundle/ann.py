@@ -28,7 +28,7 @@ from typing import Protocol
 
 import numpy as np
 
-from cbir.bundle.layout import FAISS_INDEX_TYPES, FAISS_METRICS, INDEX_TYPES
+from cbir.bundle.layout import FAISS_INDEX_TYPES, FAISS_METRICS, INDEX_TYPES, MILVUS_METRICS
 from cbir.bundle.subset import ItemSubset
 
 Hits = tuple[list[int], list[float]]  # (item numbers, distances), best first
@@ -80,6 +80,11 @@ def index_choice_problem(index_type: str, metric: str) -> str:
     """Why this index type cannot serve this metric, in words ("" when it can)."""
     if index_type not in INDEX_TYPES:
         return f"index type {index_type!r} is not one of {', '.join(INDEX_TYPES)}"
+    if index_type == "milvus" and metric not in MILVUS_METRICS:
+        return (
+            f"the {metric} metric is only available with the annoy and faiss indexes: a milvus index compares "
+            f"vectors by {' or '.join(MILVUS_METRICS)} distance. Build with --index annoy, or choose --metric angular"
+        )
     if index_type in FAISS_INDEX_TYPES and metric not in FAISS_METRICS:
         return (
             f"the {metric} metric is only available with the annoy index: faiss indexes ({index_type}) compare "

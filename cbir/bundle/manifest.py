@@ -41,6 +41,18 @@ class PcaSpec(BaseModel):
     whiten: StrictBool
 
 
+class MilvusSpec(BaseModel):
+    """Where a milvus bundle's index lives (cbir.bundle.milvus_index): the Milvus server's URI as the build
+    reached it (`http://host:19530`), or a milvus-lite database, a path ending in .db (relative: inside the
+    version folder); the collection of this version; the alias that names the live version's collection."""
+
+    model_config = ConfigDict(frozen=True)
+
+    uri: StrictStr
+    collection: StrictStr
+    alias: StrictStr
+
+
 class Manifest(BaseModel):
     """`manifest.json`, typed. `model` holds every field of `cbir.v1.ModelInfo` by name.
 
@@ -61,6 +73,7 @@ class Manifest(BaseModel):
     # parameters it was built with (cbir.bundle.faiss_index: m, ef_construction, nlist, pq_m, ...).
     index_type: IndexType = "annoy"
     index_params: dict[str, StrictInt] = Field(default_factory=dict)
+    milvus: MilvusSpec | None = None  # index_type "milvus" only: where its collection is
     trees: NonNegativeInt  # Annoy trees (>= 1); 0 for the faiss index types, which have none
     item_count: PositiveInt
     # The default search effort (a request's search_k = 0): Annoy's search_k, HNSW's efSearch or IVF's nprobe.
@@ -88,6 +101,8 @@ class Manifest(BaseModel):
             del data["index_type"]
         if not data["index_params"]:
             del data["index_params"]
+        if data["milvus"] is None:
+            del data["milvus"]
         return data
 
     def to_json(self) -> str:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cbir.bundle import milvus_index
 from cbir.bundle.ann import AnnIndex, index_choice_problem
 from cbir.bundle.annoy_index import AnnoyBackend, load_annoy
 from cbir.bundle.faiss_index import load_faiss, missing_params
@@ -36,7 +37,8 @@ from cbir.pca import Pca
 
 
 def open_bundle(
-    path: str | Path, *, verify_checksums: bool = True, prefault: bool = False, version: str | None = None
+    path: str | Path, *, verify_checksums: bool = True, prefault: bool = False, version: str | None = None,
+    milvus_uri: str | None = None,
 ) -> Bundle:
     """Open a bundle root (follows `current`) or a version folder, after checking it.
 
@@ -49,6 +51,8 @@ def open_bundle(
     quantised faiss index). `prefault` asks Annoy to read the whole index into memory at load
     (MAP_POPULATE) instead of on first use; a faiss index is mapped and paged in on first use.
     `version` opens that version of the bundle root `path` instead of the one `current` names.
+    A milvus bundle's collection is searched in the Milvus at `milvus_uri`, else CBIR_MILVUS_URI, else the one
+    its manifest records (`cbir.bundle.milvus_index`).
     Any problem raises `BundleError` saying which file, what was expected and found, and what to do.
     """
     folder, root = resolve_version_folder(Path(path), version)
@@ -60,11 +64,12 @@ def open_bundle(
     pca = load_pca(folder, manifest)
     features = _load_features(folder, manifest)
     local = LocalFeatureStore(folder, manifest.item_count) if manifest.local_features else None
-    index = _load_index(folder, manifest, features, pca, prefault)
+    index = _load_index(folder, manifest, features, pca, prefault, milvus_uri)
     pdq = load_pdq(folder, manifest.item_count) if PDQ_FILE in manifest.files else None
     bundle = Bundle(folder, root, manifest, index, pca, local, pdq)
     try:
-        _check_index_matches_features(folder / index_file(manifest.index_type), manifest, index, features, pca)
+        where = bundle.index.where if manifest.index_type == "milvus" else folder / index_file(manifest.index_type)
+        _check_index_matches_features(where, manifest, index, features, pca)
         _check_item_count(folder / ITEMS_FILE, manifest, bundle)
     except BaseException:
         bundle.close()
@@ -92,15 +97,31 @@ def _check_dimensions(path: Path, manifest: Manifest) -> None:
     problem = index_choice_problem(manifest.index_type, manifest.metric)
     if problem:
         raise BundleError(f"{path}: {problem}; {REBUILD}")
-    if manifest.index_type != "annoy" and (missing := missing_params(manifest.index_type, manifest.index_params)):
+    if manifest.index_type == "milvus":
+        _check_milvus(path, manifest)
+    elif manifest.milvus is not None:
+        raise BundleError(f"{path}: field 'milvus' belongs to index_type 'milvus', not {manifest.index_type!r}; {REBUILD}")
+    elif manifest.index_type != "annoy" and (missing := missing_params(manifest.index_type, manifest.index_params)):
         raise BundleError(
             f"{path}: index_params lacks {', '.join(missing)}, which a {manifest.index_type} index records; {REBUILD}"
         )
-    required = [index_file(manifest.index_type), ITEMS_FILE, FEATURES_FILE] + ([PCA_FILE] if manifest.pca else [])
+    index = [] if manifest.index_type == "milvus" else [index_file(manifest.index_type)]  # (milvus: in Milvus)
+    required = index + [ITEMS_FILE, FEATURES_FILE] + ([PCA_FILE] if manifest.pca else [])
     required += [LOCAL_FEATURES_FILE, LOCAL_OFFSETS_FILE] if manifest.local_features else []
     missing = [name for name in required if name not in manifest.files]
     if missing:
         raise BundleError(f"{path} does not list {', '.join(missing)} under 'files'; {REBUILD}")
+
+
+def _check_milvus(path: Path, manifest: Manifest) -> None:
+    """A milvus manifest names its collection, records its HNSW parameters and a metric Milvus serves."""
+    problem = milvus_index.metric_problem(manifest.metric)
+    if problem:
+        raise BundleError(f"{path}: {problem}; {REBUILD}")
+    if manifest.milvus is None:
+        raise BundleError(f"{path}: field 'milvus' is missing: a milvus bundle names its collection there; {REBUILD}")
+    if missing := milvus_index.missing_params(manifest.index_params):
+        raise BundleError(f"{path}: index_params lacks {', '.join(missing)}, which a milvus index records; {REBUILD}")
 
 
 def _check_file_sizes(folder: Path, manifest: Manifest) -> None:
@@ -145,8 +166,9 @@ def _load_features(folder: Path, manifest: Manifest) -> np.ndarray:
     return features
 
 
-def _load_index(folder: Path, manifest: Manifest, features: np.ndarray, pca: Pca | None, prefault: bool) -> AnnIndex:
-    """The index backend the manifest names, opened from its file (mmapped)."""
+def _load_index(folder: Path, manifest: Manifest, features: np.ndarray, pca: Pca | None, prefault: bool,
+                milvus_uri: str | None = None) -> AnnIndex:
+    """The index backend the manifest names, opened from its file (mmapped), or its Milvus collection."""
     path = folder / index_file(manifest.index_type)
     mapped = np.asarray(features)  # a plain view of the memmap: its rows are gathered twice as fast
 
@@ -156,6 +178,10 @@ def _load_index(folder: Path, manifest: Manifest, features: np.ndarray, pca: Pca
         rows = np.asarray(mapped[np.asarray(ids, dtype=np.int64)], dtype=np.float32)
         return pca.transform(rows) if pca is not None else rows
 
+    if manifest.index_type == "milvus":
+        return milvus_index.load_milvus(manifest.milvus, folder, metric=manifest.metric,
+                                        dimension=manifest.index_dimension, default_effort=manifest.default_search_k,
+                                        params=manifest.index_params, reference=reference, uri=milvus_uri)
     if manifest.index_type == "annoy":
         annoy = load_annoy(path, manifest.metric, manifest.index_dimension, prefault=prefault)
         return AnnoyBackend(annoy, manifest.trees, manifest.default_search_k, metric=manifest.metric,
@@ -166,7 +192,7 @@ def _load_index(folder: Path, manifest: Manifest, features: np.ndarray, pca: Pca
 
 
 def _check_index_matches_features(
-    path: Path, manifest: Manifest, index: AnnIndex, features: np.ndarray, pca: Pca | None
+    path: Path | str, manifest: Manifest, index: AnnIndex, features: np.ndarray, pca: Pca | None
 ) -> None:
     """The index holds the manifest's item count, and its first and last vectors are the (projected)
     features: otherwise Annoy id i would not be item i."""

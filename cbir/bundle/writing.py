@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from cbir.bundle import faiss_index
+from cbir.bundle import faiss_index, milvus_index
 from cbir.bundle.ann import index_choice_problem
 from cbir.bundle.annoy_index import write_annoy
 from cbir.bundle.files import fsync_path, sha256_of
@@ -37,10 +37,11 @@ from cbir.bundle.layout import (
     PDQ_FILE,
     is_version_name,
 )
-from cbir.bundle.manifest import FileEntry, Manifest, PcaSpec, model_to_dict
+from cbir.bundle.manifest import FileEntry, Manifest, MilvusSpec, PcaSpec, model_to_dict
 from cbir.bundle.projection import fit_and_save_pca
 from cbir.bundle.search_k import default_search_k
 from cbir.bundle.versions import set_current
+from cbir.errors import BundleError
 from cbir.pca import Pca
 from cbir.v1 import common_pb2
 
@@ -70,6 +71,7 @@ def write_bundle(
     index_type: str = "annoy",
     index_params: Mapping[str, int] | None = None,
     pdq: np.ndarray | None = None,
+    milvus_uri: str | None = None,
 ) -> Path:
     """Write a new bundle version under `root` and (by default) point `root/current` at it.
 
@@ -83,12 +85,16 @@ def write_bundle(
     `index_type` chooses the index: "annoy" (`trees` trees, `index.ann`), or a faiss index in
     `index.faiss` — "hnsw", "hnsw-sq8", "ivfpq" (angular or euclidean only; see
     `cbir.bundle.faiss_index` for them and for the `index_params` each takes, e.g.
-    {"m": 16, "ef_search": 64}; the default effort, ef_search or nprobe, becomes default_search_k).
+    {"m": 16, "ef_search": 64}; the default effort, ef_search or nprobe, becomes default_search_k), or
+    "milvus": a collection of its own in the Milvus at `milvus_uri` (else CBIR_MILVUS_URI, else a milvus-lite
+    database in the version folder), HNSW with index_params m, ef_construction, ef_search; making it current
+    points the bundle's Milvus alias at it (`cbir.bundle.milvus_index`).
     `pdq` (one `cbir.pdq.RECORD` per row) is stored for the duplicate finder.
     Returns the version folder. Raises `InvalidBundleInput` (a `BundleError` and a `ValueError`)
     for bad arguments; on any failure nothing is left behind under a version name.
     """
-    problem = index_choice_problem(index_type, metric)
+    problem = index_choice_problem(index_type, metric) or (
+        milvus_index.metric_problem(metric) if index_type == "milvus" else "")
     if problem and metric in METRICS:  # an unknown metric is validate_inputs' to name
         raise InvalidBundleInput(problem)
     inputs = validate_inputs(ids, urls, vectors, model, metric, trees, pca_dimension, metadata)
@@ -98,6 +104,8 @@ def write_bundle(
         if index_params:
             raise InvalidBundleInput(f"index_params {dict(index_params)!r} do not apply to the annoy index (it takes trees)")
         params, default_effort = {}, default_search_k(trees, len(inputs.ids))
+    elif index_type == "milvus":
+        params, default_effort = milvus_index.plan(index_params)
     else:
         params, default_effort = faiss_index.plan(index_type, len(inputs.ids), index_dimension, index_params)
     if local_features is not None and (len(local_features) != len(inputs.ids) or not local_features_kind):
@@ -107,10 +115,14 @@ def write_bundle(
         raise InvalidBundleInput(f"{len(pdq)} PDQ records for {len(inputs.ids)} items (one per item)")
     root = Path(root)
     _check_new_version(root, version)
+    milvus = milvus_index.new_location(milvus_uri, root.resolve().name, version) if index_type == "milvus" else None
     root.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=".building-", dir=root))
+    collection_written = False  # a Milvus collection exists: drop it if the version is not published
     try:
-        pca = _write_data_files(scratch, inputs, metric, trees, pca_dimension, bool(pca_whiten), index_type, params)
+        pca = _write_data_files(scratch, inputs, metric, trees, pca_dimension, bool(pca_whiten), index_type, params,
+                                milvus)
+        collection_written = milvus is not None
         if local_features is not None:
             write_local_features(scratch, local_features)
         if pdq is not None:
@@ -118,7 +130,7 @@ def write_bundle(
         unnamed = Manifest(
             format_version=FORMAT_VERSION, name=root.resolve().name, version="", created_at="",
             model=model_to_dict(model), input_dimension=inputs.dimension,
-            index_dimension=index_dimension, metric=metric, index_type=index_type, index_params=params,
+            index_dimension=index_dimension, metric=metric, index_type=index_type, index_params=params, milvus=milvus,
             trees=trees if index_type == "annoy" else 0,
             item_count=len(inputs.ids), default_search_k=default_effort,
             pca=None if pca is None else PcaSpec(dimension=pca.dimension, whiten=pca.whiten),
@@ -126,6 +138,10 @@ def write_bundle(
             files=_file_entries(scratch),
         )
         final = _publish(root, scratch, version, unnamed)
+    except BaseException:
+        if collection_written:
+            _drop_quietly(milvus, scratch)
+        raise
     finally:
         if scratch.exists():
             shutil.rmtree(scratch, ignore_errors=True)
@@ -133,7 +149,27 @@ def write_bundle(
              f"{trees} trees" if index_type == "annoy" else f"{index_type} {params}")
     if make_current:
         set_current(root, final.name)
+        if milvus is not None:
+            _point_alias(milvus, final)
     return final
+
+
+def _drop_quietly(milvus: MilvusSpec, scratch: Path) -> None:
+    """A failed build leaves no collection behind (unless Milvus cannot be reached to drop it)."""
+    try:
+        milvus_index.drop_collection(milvus, scratch)
+    except BundleError as error:
+        log.warning("could not drop %s after the failed build: %s", milvus_index.describe(milvus), error)
+
+
+def _point_alias(milvus: MilvusSpec, final: Path) -> None:
+    """The version is live (`current`): other Milvus clients follow the alias to its collection. The indexer
+    does not use the alias, so a failure here is reported, not raised: the build itself succeeded."""
+    try:
+        milvus_index.point_alias(milvus, final)
+    except BundleError as error:
+        log.error("version %s is current, but the Milvus alias %s could not be pointed at its collection: %s",
+                  final.name, milvus.alias, error)
 
 
 def _check_new_version(root: Path, version: str | None) -> None:
@@ -149,9 +185,10 @@ def _check_new_version(root: Path, version: str | None) -> None:
 
 def _write_data_files(
     scratch: Path, inputs: BundleInputs, metric: str, trees: int, pca_dimension: int, pca_whiten: bool,
-    index_type: str, params: Mapping[str, int],
+    index_type: str, params: Mapping[str, int], milvus: MilvusSpec | None = None,
 ) -> Pca | None:
-    """Features, PCA (when asked), item table and index (Annoy or faiss) into the scratch folder."""
+    """Features, PCA (when asked), item table and index (Annoy, faiss or a Milvus collection) into the scratch
+    folder."""
     np.save(scratch / FEATURES_FILE, inputs.vectors)
     index_vectors = inputs.vectors
     pca = None
@@ -161,6 +198,9 @@ def _write_data_files(
     write_items(scratch / ITEMS_FILE, inputs.ids, inputs.urls, inputs.metadata_rows)
     if index_type == "annoy":
         write_annoy(scratch / INDEX_FILE, index_vectors, metric, trees)
+    elif milvus is not None:
+        milvus_index.write_milvus(milvus, scratch, ids=inputs.ids, urls=inputs.urls, metadata_rows=inputs.metadata_rows,
+                                  vectors=index_vectors, metric=metric, params=params)
     else:
         faiss_index.write_faiss(scratch / FAISS_INDEX_FILE, index_vectors, metric, index_type, params)
     return pca
