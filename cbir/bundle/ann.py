@@ -82,7 +82,7 @@ def index_choice_problem(index_type: str, metric: str) -> str:
         return f"index type {index_type!r} is not one of {', '.join(INDEX_TYPES)}"
     if index_type == "milvus" and metric not in MILVUS_METRICS:
         return (
-            f"the {metric} metric is only available with the annoy and faiss indexes: a milvus index compares "
+            f"the {metric} metric is only available with the annoy index: a milvus index compares "
             f"vectors by {' or '.join(MILVUS_METRICS)} distance. Build with --index annoy, or choose --metric angular"
         )
     if index_type in FAISS_INDEX_TYPES and metric not in FAISS_METRICS:
