@@ -4,6 +4,7 @@ search, percentiles, process memory, starting a real service process and waiting
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import pathlib
 import socket
@@ -65,6 +66,39 @@ def write_ids(path: pathlib.Path, n: int, prefix: str = "img") -> None:
     with path.open("w", encoding="utf-8") as handle:
         for i in range(n):
             handle.write(f"{prefix}{i:08d}\n")
+
+
+def held_out_queries(dim: int, n: int, seed: int) -> np.ndarray:
+    """n query vectors from the clusters of `write_clustered_npy(..., dim, seed=seed)`, none of them its vectors."""
+    return clustered(np.random.default_rng(seed + 99), centers_for(dim, 2000, seed), n)
+
+
+def synthetic_model(folder: pathlib.Path, dim: int, seed: int) -> tuple[str, pathlib.Path]:
+    """The ModelInfo of synthetic vectors, written where `cbir index build-from-features --model-info` reads
+    it: (its fingerprint, which a query must name, and the file)."""
+    from google.protobuf import json_format
+
+    from cbir.v1 import common_pb2
+
+    model = common_pb2.ModelInfo(name="synthetic", feature="gem", dimension=dim, fingerprint=f"synthetic-{dim}-s{seed}")
+    path = folder / "model.json"
+    path.write_text(json.dumps(json_format.MessageToDict(model, preserving_proto_field_name=True)))
+    return model.fingerprint, path
+
+
+def queries_through(stub, queries: np.ndarray, k: int, fingerprint: str) -> tuple[list[float], list[list[int]]]:
+    """Each query through a real indexer's QueryVector: (seconds, item numbers of the hits) per query."""
+    from cbir.v1 import indexer_pb2
+    from cbir.vectors import to_proto
+
+    times, found = [], []
+    for q in queries:
+        start = time.perf_counter()
+        response = stub.QueryVector(indexer_pb2.QueryVectorRequest(vector=to_proto(q), k=k, model_fingerprint=fingerprint),
+                                    timeout=60)
+        times.append(time.perf_counter() - start)
+        found.append([int(h.item_id[3:]) for h in response.hits])
+    return times, found
 
 
 def exact_top_k(base: np.ndarray, queries: np.ndarray, k: int, metric: str = "angular",

@@ -32,7 +32,17 @@ import numpy as np
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
-from _common import PYTHON, centers_for, clustered, exact_top_k, mib, percentile, service, timed_child, write_clustered_npy
+from _common import (  # noqa: E402
+    PYTHON,
+    exact_top_k,
+    held_out_queries,
+    mib,
+    percentile,
+    service,
+    synthetic_model,
+    timed_child,
+    write_clustered_npy,
+)
 
 TYPES = ("annoy", "hnsw", "hnsw-sq8", "ivfpq")
 # (label, conditions, which buckets they allow)
@@ -113,9 +123,7 @@ def main() -> None:
         parser.error(f"unknown index types {unknown}; choose from {', '.join(TYPES)}")
 
     import grpc
-    from google.protobuf import json_format
-
-    from cbir.v1 import common_pb2, indexer_pb2_grpc
+    from cbir.v1 import indexer_pb2_grpc
 
     workdir = args.workdir or pathlib.Path(tempfile.mkdtemp(prefix="filtered-search-"))
     workdir.mkdir(parents=True, exist_ok=True)
@@ -126,11 +134,8 @@ def main() -> None:
     buckets = np.random.default_rng(args.seed + 7).integers(0, 100, args.items)
     if not ids_path.exists():
         write_ids_csv(ids_path, buckets)
-    queries = clustered(np.random.default_rng(args.seed + 99), centers_for(args.dim, 2000, args.seed), args.queries)
-    model = common_pb2.ModelInfo(name="synthetic", feature="gem", dimension=args.dim,
-                                 fingerprint=f"synthetic-{args.dim}-s{args.seed}")
-    model_path = workdir / "model.json"
-    model_path.write_text(json.dumps(json_format.MessageToDict(model, preserving_proto_field_name=True)))
+    queries = held_out_queries(args.dim, args.queries, args.seed)
+    fingerprint, model_path = synthetic_model(workdir, args.dim, args.seed)
     base = np.load(vectors_path, mmap_mode="r")
     truth = {}
     for label, _, allowed_buckets in FILTERS:
@@ -151,17 +156,17 @@ def main() -> None:
         with service("indexer", env, workdir / f"indexer-{index_type}.log") as (_, target, _, _):
             channel = grpc.insecure_channel(target)
             stub = indexer_pb2_grpc.IndexerStub(channel)
-            first = {label: query(stub, queries[0], args.k, model.fingerprint, conditions)[0]
+            first = {label: query(stub, queries[0], args.k, fingerprint, conditions)[0]
                      for label, conditions, _ in FILTERS}
             for q in queries[:20]:  # warm this client's path and every filter's cached items
                 for _, conditions, _ in FILTERS:
-                    query(stub, q, args.k, model.fingerprint, conditions)
+                    query(stub, q, args.k, fingerprint, conditions)
             times = {label: [] for label, _, _ in FILTERS}
             found = {label: [] for label, _, _ in FILTERS}
             for i, q in enumerate(queries):
                 for shift in range(len(FILTERS)):  # rotate the order: no filter always runs first
                     label, conditions, _ = FILTERS[(i + shift) % len(FILTERS)]
-                    seconds, hits = query(stub, q, args.k, model.fingerprint, conditions)
+                    seconds, hits = query(stub, q, args.k, fingerprint, conditions)
                     times[label].append(seconds)
                     found[label].append(hits)
             channel.close()

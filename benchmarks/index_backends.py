@@ -36,14 +36,15 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 from _common import (
     PYTHON,
-    centers_for,
-    clustered,
     exact_top_k,
+    held_out_queries,
     memory,
     mib,
     percentile,
+    queries_through,
     recall,
     service,
+    synthetic_model,
     timed_child,
     write_clustered_npy,
     write_ids,
@@ -58,20 +59,6 @@ def pss(pid: int) -> int:
     """Proportional set size in bytes: shared pages divided among the processes mapping them."""
     text = pathlib.Path(f"/proc/{pid}/smaps_rollup").read_text()
     return int(re.search(r"^Pss:\s+(\d+) kB", text, re.MULTILINE).group(1)) * 1024
-
-
-def queries_through(stub, queries: np.ndarray, k: int, fingerprint: str) -> tuple[list[float], list[list[int]]]:
-    from cbir.v1 import indexer_pb2
-    from cbir.vectors import to_proto
-
-    times, found = [], []
-    for q in queries:
-        start = time.perf_counter()
-        response = stub.QueryVector(indexer_pb2.QueryVectorRequest(vector=to_proto(q), k=k, model_fingerprint=fingerprint),
-                                    timeout=60)
-        times.append(time.perf_counter() - start)
-        found.append([int(h.item_id[3:]) for h in response.hits])
-    return times, found
 
 
 def sweep(root: pathlib.Path, index_type: str, queries: np.ndarray, truth: np.ndarray, k: int) -> list[dict]:
@@ -116,9 +103,7 @@ def main() -> None:
         parser.error(f"unknown index types {unknown}; choose from {', '.join(TYPES)}")
 
     import grpc
-    from google.protobuf import json_format
-
-    from cbir.v1 import common_pb2, indexer_pb2_grpc
+    from cbir.v1 import indexer_pb2_grpc
 
     workdir = args.workdir or pathlib.Path(tempfile.mkdtemp(prefix="index-backends-"))
     workdir.mkdir(parents=True, exist_ok=True)
@@ -127,11 +112,8 @@ def main() -> None:
         write_clustered_npy(vectors_path, args.items, args.dim, seed=args.seed)
     if not ids_path.exists():
         write_ids(ids_path, args.items)
-    queries = clustered(np.random.default_rng(args.seed + 99), centers_for(args.dim, 2000, args.seed), args.queries)
-    model = common_pb2.ModelInfo(name="synthetic", feature="gem", dimension=args.dim,
-                                 fingerprint=f"synthetic-{args.dim}-s{args.seed}")
-    model_path = workdir / "model.json"
-    model_path.write_text(json.dumps(json_format.MessageToDict(model, preserving_proto_field_name=True)))
+    queries = held_out_queries(args.dim, args.queries, args.seed)
+    fingerprint, model_path = synthetic_model(workdir, args.dim, args.seed)
     base = np.load(vectors_path, mmap_mode="r")
     truth = exact_top_k(base, queries, args.k, "angular")
     print(f"{args.items:,} x {args.dim} clustered unit vectors, angular, {len(queries)} held-out queries, k = {args.k}; "
@@ -157,13 +139,13 @@ def main() -> None:
         with service("indexer", env, workdir / f"indexer-{index_type}-1.log") as (first, target, to_serving, _):
             channel = grpc.insecure_channel(target)
             stub = indexer_pb2_grpc.IndexerStub(channel)
-            queries_through(stub, queries[:20], args.k, model.fingerprint)  # warm this client's path
-            times, found = queries_through(stub, queries, args.k, model.fingerprint)
+            queries_through(stub, queries[:20], args.k, fingerprint)  # warm this client's path
+            times, found = queries_through(stub, queries, args.k, fingerprint)
             one = memory(first.pid)
             with service("indexer", env, workdir / f"indexer-{index_type}-2.log") as (second, target2, _, _):
                 channel2 = grpc.insecure_channel(target2)
-                queries_through(indexer_pb2_grpc.IndexerStub(channel2), queries, args.k, model.fingerprint)
-                queries_through(stub, queries[:50], args.k, model.fingerprint)
+                queries_through(indexer_pb2_grpc.IndexerStub(channel2), queries, args.k, fingerprint)
+                queries_through(stub, queries[:50], args.k, fingerprint)
                 two_pss = pss(first.pid) + pss(second.pid)
                 channel2.close()
             channel.close()

@@ -23,14 +23,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import pathlib
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 
 import numpy as np
 
@@ -39,19 +35,20 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 from _common import (
     PYTHON,
-    centers_for,
-    clustered,
     exact_top_k,
-    free_port,
+    held_out_queries,
     memory,
     mib,
     percentile,
+    queries_through,
     recall,
     service,
+    synthetic_model,
     timed_child,
     write_clustered_npy,
     write_ids,
 )
+from _milvus import embedded_milvus  # noqa: E402
 
 BACKENDS = ("annoy", "milvus-lite", "milvus-server")
 _BUILD = """
@@ -59,59 +56,6 @@ import sys
 from apps.ingest.from_features import build_from_features
 build_from_features(sys.argv[1], sys.argv[2], ids=sys.argv[3], model=sys.argv[4], index_type=sys.argv[5])
 """
-
-
-@contextlib.contextmanager
-def milvus_server(workdir: pathlib.Path):
-    """The embedded Milvus standalone (`milvus-server`) on loopback, its etcd on free ports; yields its URI."""
-    import pymilvus
-
-    client_port, peer_port, proxy_port = free_port(), free_port(), free_port()
-    etcd = workdir / "etcd.yaml"
-    etcd.write_text(f"name: default\nlisten-client-urls: http://127.0.0.1:{client_port}\n"
-                    f"advertise-client-urls: http://127.0.0.1:{client_port}\n"
-                    f"listen-peer-urls: http://127.0.0.1:{peer_port}\n"
-                    f"initial-advertise-peer-urls: http://127.0.0.1:{peer_port}\n"
-                    f"initial-cluster: default=http://127.0.0.1:{peer_port}\n")
-    log = open(workdir / "milvus-server.log", "wb")  # noqa: SIM115 (open while the server runs)
-    process = subprocess.Popen(
-        [str(pathlib.Path(PYTHON).parent / "milvus-server"), "--data", str(workdir / "milvus-data"),
-         "--etcd-port", str(client_port), "--proxy-port", str(proxy_port)],
-        env={**os.environ, "ETCD_CONFIG_PATH": str(etcd)}, stdout=log, stderr=subprocess.STDOUT,
-        start_new_session=True)
-    uri = f"http://127.0.0.1:{proxy_port}"
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                pymilvus.MilvusClient(uri, timeout=2).close()
-                break
-            except pymilvus.exceptions.MilvusException:
-                if process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"milvus-server did not start; see {workdir / 'milvus-server.log'}")
-                time.sleep(0.5)
-        yield uri
-    finally:
-        os.killpg(process.pid, signal.SIGTERM)  # the wrapper and milvus, which may hang in its graceful stop
-        process.wait()
-        time.sleep(5)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        log.close()
-
-
-def queries_through(stub, queries: np.ndarray, k: int, fingerprint: str) -> tuple[list[float], list[list[int]]]:
-    from cbir.v1 import indexer_pb2
-    from cbir.vectors import to_proto
-
-    times, found = [], []
-    for q in queries:
-        start = time.perf_counter()
-        response = stub.QueryVector(indexer_pb2.QueryVectorRequest(vector=to_proto(q), k=k, model_fingerprint=fingerprint),
-                                    timeout=60)
-        times.append(time.perf_counter() - start)
-        found.append([int(h.item_id[3:]) for h in response.hits])
-    return times, found
 
 
 def same_sets(found: list[list[int]], other) -> float:
@@ -136,9 +80,7 @@ def main() -> None:
         parser.error(f"unknown backends {unknown}; choose from {', '.join(BACKENDS)}")
 
     import grpc
-    from google.protobuf import json_format
-
-    from cbir.v1 import common_pb2, indexer_pb2_grpc
+    from cbir.v1 import indexer_pb2_grpc
 
     workdir = args.workdir or pathlib.Path(tempfile.mkdtemp(prefix="milvus-backend-"))
     workdir.mkdir(parents=True, exist_ok=True)
@@ -147,11 +89,8 @@ def main() -> None:
         write_clustered_npy(vectors_path, args.items, args.dim, seed=args.seed)
     if not ids_path.exists():
         write_ids(ids_path, args.items)
-    queries = clustered(np.random.default_rng(args.seed + 99), centers_for(args.dim, 2000, args.seed), args.queries)
-    model = common_pb2.ModelInfo(name="synthetic", feature="gem", dimension=args.dim,
-                                 fingerprint=f"synthetic-{args.dim}-s{args.seed}")
-    model_path = workdir / "model.json"
-    model_path.write_text(json.dumps(json_format.MessageToDict(model, preserving_proto_field_name=True)))
+    queries = held_out_queries(args.dim, args.queries, args.seed)
+    fingerprint, model_path = synthetic_model(workdir, args.dim, args.seed)
     truth = exact_top_k(np.load(vectors_path, mmap_mode="r"), queries, args.k, "angular")
     print(f"{args.items:,} x {args.dim} clustered unit vectors, angular, {len(queries)} held-out queries, k = {args.k}; "
           f"work folder {workdir}", flush=True)
@@ -160,7 +99,7 @@ def main() -> None:
     with contextlib.ExitStack() as stack:
         server = args.milvus_uri
         if "milvus-server" in backends and server is None:
-            server = stack.enter_context(milvus_server(workdir))
+            server = stack.enter_context(embedded_milvus(workdir))
         for backend in backends:
             root = workdir / backend
             env = {"CBIR_MILVUS_URI": server} if backend == "milvus-server" else {"CBIR_MILVUS_URI": ""}
@@ -171,8 +110,8 @@ def main() -> None:
             with service("indexer", serve_env, workdir / f"indexer-{backend}.log") as (process, target, to_serving, _):
                 channel = grpc.insecure_channel(target)
                 stub = indexer_pb2_grpc.IndexerStub(channel)
-                queries_through(stub, queries[:20], args.k, model.fingerprint)  # warm this client's path
-                times, found = queries_through(stub, queries, args.k, model.fingerprint)
+                queries_through(stub, queries[:20], args.k, fingerprint)  # warm this client's path
+                times, found = queries_through(stub, queries, args.k, fingerprint)
                 rss = memory(process.pid)["VmRSS"]
                 channel.close()
             row = {"backend": backend, "build_s": build["seconds"], "build_peak_rss": build["max_rss"],

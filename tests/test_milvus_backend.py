@@ -6,11 +6,9 @@ a hot reload under load that fails no request and moves the Milvus alias, and er
 
 from __future__ import annotations
 
-import contextlib
+import importlib.util
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -40,12 +38,17 @@ from services.indexer.index import SearchIndex
 from services.indexer.server import IndexerServer
 from services.indexer.settings import IndexerSettings
 
+# The embedded server's launcher, shared with benchmarks/milvus_backend.py.
+_spec = importlib.util.spec_from_file_location("cbir_milvus_server",
+                                               Path(__file__).resolve().parents[1] / "benchmarks" / "_milvus.py")
+_milvus = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_milvus)
+
 DIM = 64
 N = 3000
 FINGERPRINT = "fp-milvus"
 COUNTRIES = ["fr", "de", "it", "es", "nl"]
 RARE = {11, 222, 1333, 1444, 2555, 2666, 2777}
-SERVER_BIN = Path(sys.executable).parent / "milvus-server"
 
 
 def clustered(n: int, d: int, seed: int = 0, clusters: int = 30) -> np.ndarray:
@@ -75,12 +78,6 @@ def exact_top(vectors: np.ndarray, query: np.ndarray, k: int, allowed=None) -> l
 
 def number(hit) -> int:
     return int(hit.item_id.lstrip("abcdefghijklmnopqrstuvwxyz"))
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class Indexer:
@@ -115,51 +112,9 @@ class Indexer:
 
 @pytest.fixture(scope="module")
 def milvus_server(tmp_path_factory):
-    """The embedded Milvus standalone (`milvus-server`) on loopback: its gRPC proxy and its embedded etcd on free
-    ports (etcd's peer port is otherwise fixed at 2380, one server per machine), in a process group of its own."""
-    base = tmp_path_factory.mktemp("milvus-server")
-    client_port, peer_port, proxy_port = free_port(), free_port(), free_port()
-    etcd = base / "etcd.yaml"
-    etcd.write_text(f"name: default\nlisten-client-urls: http://127.0.0.1:{client_port}\n"
-                    f"advertise-client-urls: http://127.0.0.1:{client_port}\n"
-                    f"listen-peer-urls: http://127.0.0.1:{peer_port}\n"
-                    f"initial-advertise-peer-urls: http://127.0.0.1:{peer_port}\n"
-                    f"initial-cluster: default=http://127.0.0.1:{peer_port}\n")
-    log = open(base / "server.log", "wb")  # noqa: SIM115 (open while the server runs)
-    process = subprocess.Popen(
-        [str(SERVER_BIN), "--data", str(base / "data"), "--etcd-port", str(client_port), "--proxy-port", str(proxy_port)],
-        env={**os.environ, "ETCD_CONFIG_PATH": str(etcd)}, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    uri = f"http://127.0.0.1:{proxy_port}"
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                pymilvus.MilvusClient(uri, timeout=2).close()
-                break
-            except pymilvus.exceptions.MilvusException:
-                if process.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"milvus-server did not start: {(base / 'server.log').read_text()[-2000:]}")
-                time.sleep(0.5)
+    """The embedded Milvus standalone (`milvus-server`) on loopback, as the benchmarks run it (`_milvus`)."""
+    with _milvus.embedded_milvus(tmp_path_factory.mktemp("milvus-server")) as uri:
         yield uri
-    finally:
-        stop_group(process)
-        log.close()
-
-
-def stop_group(process: subprocess.Popen, grace_s: float = 5.0) -> None:
-    """Stop the wrapper and the milvus process it started (a process group): SIGTERM, then SIGKILL for what is
-    left after `grace_s` (milvus can hang in its graceful shutdown once its coordinators have stopped)."""
-    os.killpg(process.pid, signal.SIGTERM)
-    process.wait()
-    deadline = time.monotonic() + grace_s
-    while time.monotonic() < deadline:
-        try:
-            os.killpg(process.pid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.2)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGKILL)
 
 
 @pytest.fixture(scope="module")
@@ -404,7 +359,7 @@ def test_a_milvus_that_cannot_be_reached_is_a_sentence_at_open_and_over_grpc(lit
     """A server nobody listens on, a database without the collection, no pymilvus: a BundleError saying what
     and what to do; an indexer pointed at an unreachable Milvus answers UNAVAILABLE with that sentence."""
     folder, _ = lite_bundle
-    closed = f"http://127.0.0.1:{free_port()}"
+    closed = f"http://127.0.0.1:{_milvus.free_port()}"
     with pytest.raises(BundleError) as caught:
         open_bundle(folder.parent, milvus_uri=closed)
     message = str(caught.value)
@@ -459,7 +414,7 @@ def test_a_build_that_cannot_work_is_refused_before_anything_is_written(tmp_path
 
 
 def test_a_build_against_a_milvus_nobody_serves_is_refused_in_words_and_leaves_nothing(tmp_path):
-    closed = f"http://127.0.0.1:{free_port()}"
+    closed = f"http://127.0.0.1:{_milvus.free_port()}"
     with pytest.raises(InvalidBundleInput) as caught:
         build(tmp_path / "b", clustered(50, 8), milvus_uri=closed)
     assert str(caught.value).startswith(f"cannot reach the Milvus server at {closed}: ")
