@@ -1,5 +1,5 @@
 """File-level helpers the bundle code shares: fsync, sha256 checksums, atomic replacement of a small
-text file, and reading files once to warm the page cache."""
+text file, reading files once to warm the page cache, and opening a checked, memory-mapped .npy."""
 
 from __future__ import annotations
 
@@ -8,6 +8,11 @@ import os
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
+
+import numpy as np
+
+from cbir.bundle.layout import REBUILD
+from cbir.errors import BundleError
 
 
 def fsync_path(path: Path) -> None:
@@ -57,3 +62,15 @@ def touch_files(folder: str | Path, names: Iterable[str], chunk_bytes: int = 1 <
         except FileNotFoundError:
             continue
     return total
+
+
+def mapped_npy(path: Path, dtype, shape: tuple[int, ...], expected: str) -> np.ndarray:
+    """The .npy at `path`, memory-mapped read-only; BundleError, saying how to rebuild, when it cannot be read
+    or does not hold `shape` of `dtype` (`expected` says what was expected, in words)."""
+    try:
+        array = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError) as error:
+        raise BundleError(f"{path} is not a readable .npy file: {error}; {REBUILD}") from error
+    if array.dtype != dtype or array.shape != shape:
+        raise BundleError(f"{path} holds {array.dtype} {array.shape} but {expected}; {REBUILD}")
+    return array

@@ -14,7 +14,7 @@ from cbir.bundle import milvus_index
 from cbir.bundle.ann import AnnIndex, index_choice_problem
 from cbir.bundle.annoy_index import AnnoyBackend, load_annoy
 from cbir.bundle.faiss_index import load_faiss, missing_params
-from cbir.bundle.files import sha256_of
+from cbir.bundle.files import mapped_npy, sha256_of
 from cbir.bundle.layout import (
     FEATURES_FILE,
     ITEMS_FILE,
@@ -153,17 +153,8 @@ def _check_checksums(folder: Path, manifest: Manifest) -> None:
 
 
 def _load_features(folder: Path, manifest: Manifest) -> np.ndarray:
-    path = folder / FEATURES_FILE
-    try:
-        features = np.load(path, mmap_mode="r", allow_pickle=False)
-    except (OSError, ValueError) as error:
-        raise BundleError(f"{path} is not a readable .npy file: {error}; {REBUILD}") from error
-    if features.dtype != np.float32 or features.shape != (manifest.item_count, manifest.input_dimension):
-        raise BundleError(
-            f"{path} holds {features.dtype} {features.shape} but the manifest expects float32 "
-            f"({manifest.item_count}, {manifest.input_dimension}); {REBUILD}"
-        )
-    return features
+    shape = (manifest.item_count, manifest.input_dimension)
+    return mapped_npy(folder / FEATURES_FILE, np.float32, shape, f"the manifest expects float32 {shape}")
 
 
 def _load_index(folder: Path, manifest: Manifest, features: np.ndarray, pca: Pca | None, prefault: bool,

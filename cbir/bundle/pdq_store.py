@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 
 from cbir import pdq
-from cbir.bundle.layout import PDQ_FILE, REBUILD
-from cbir.errors import BundleError
+from cbir.bundle.files import mapped_npy
+from cbir.bundle.layout import PDQ_FILE
 
 
 def write_pdq(folder: Path, records: np.ndarray) -> None:
@@ -19,12 +19,4 @@ def write_pdq(folder: Path, records: np.ndarray) -> None:
 
 def load_pdq(folder: Path, item_count: int) -> np.ndarray:
     """The (item_count,) RECORD array, memory-mapped read-only; BundleError when it is not that."""
-    path = folder / PDQ_FILE
-    try:
-        records = np.load(path, mmap_mode="r", allow_pickle=False)
-    except (OSError, ValueError) as error:
-        raise BundleError(f"{path} is not a readable .npy file: {error}; {REBUILD}") from error
-    if records.dtype != pdq.RECORD or records.shape != (item_count,):
-        raise BundleError(f"{path} holds {records.dtype} {records.shape} but PDQ records ({item_count},) were "
-                          f"expected; {REBUILD}")
-    return records
+    return mapped_npy(folder / PDQ_FILE, pdq.RECORD, (item_count,), f"PDQ records ({item_count},) were expected")
