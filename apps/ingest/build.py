@@ -194,7 +194,7 @@ def _build(source, out: pathlib.Path, embedding, options: BuildOptions) -> Build
         log.info("%d of %d items already embedded or rejected; embedding %d", len(items) - len(todo), len(items), len(todo))
 
     transient: dict[str, str] = {}
-    downloader = _downloader(options) if any(is_remote(item.location) for item in todo) else None
+    downloader = make_downloader(options) if any(is_remote(item.location) for item in todo) else None
     pdqhash = pdq.load_pdqhash()
     embed_all = _embed_all
     if options.ray_address is not None:
@@ -283,7 +283,8 @@ def _local_features(info, base: _Base | None, rows: list[bytes]) -> dict:
     return dict(local_features=rows, local_features_kind=info.local_features)
 
 
-def _downloader(options: BuildOptions) -> Downloader:
+def make_downloader(options: BuildOptions) -> Downloader:
+    """The URL downloader with the build's limits (the in-process build's, and each Ray read task's)."""
     return Downloader(
         UrlPolicy(allow_private=options.allow_private_urls),
         FetchLimits(

@@ -27,6 +27,7 @@ Ray is imported inside the functions: `cbir` works without the `ray` extra.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import os
@@ -39,8 +40,9 @@ from typing import Iterator
 import numpy as np
 
 from cbir import pdq
-from cbir.download import Downloader, FetchError, FetchLimits, UrlPolicy
+from cbir.download import FetchError
 from cbir.errors import BadImage
+from apps.ingest.build import BuildOptions, make_downloader
 from apps.ingest.embedding import Embedded, LocalEmbedding
 from apps.ingest.pipeline import ordered_map
 from apps.ingest.sources import SourceItem, is_remote, read_bytes
@@ -157,8 +159,9 @@ def _pipeline(items: list[SourceItem], embedding: RayEmbedding, options, with_pd
     batches = math.ceil(len(rows) / options.batch_size)
     return (
         ray.data.from_items(rows, override_num_blocks=batches)
-        .map_batches(_read_batch, batch_size=options.batch_size, fn_kwargs=dict(options=_ReadOptions.of(options),
-                                                                              with_pdq=with_pdq))
+        # The deletion list stays with the coordinator: a read task needs only the read limits.
+        .map_batches(_read_batch, batch_size=options.batch_size,
+                     fn_kwargs=dict(options=dataclasses.replace(options, deleted=frozenset()), with_pdq=with_pdq))
         # Two batches per actor at once: one is read and decoded while the other is in the model.
         .map_batches(_EmbedBatch, batch_size=options.batch_size, num_cpus=1, num_gpus=gpus,
                      compute=ray.data.ActorPoolStrategy(size=actors, max_concurrent_calls_per_actor=2,
@@ -187,27 +190,7 @@ def _pool_size(ray, options) -> tuple[int, float]:
     return actors, 1.0 if gpus else 0.0
 
 
-class _ReadOptions:
-    """What a read task needs of the BuildOptions (small, picklable)."""
-
-    def __init__(self, max_bytes, timeout_s, retries, per_host, allow_private, content_types, workers, fetch_workers):
-        self.max_bytes, self.timeout_s, self.retries, self.per_host = max_bytes, timeout_s, retries, per_host
-        self.allow_private, self.content_types = allow_private, content_types
-        self.workers, self.fetch_workers = workers, fetch_workers
-
-    @classmethod
-    def of(cls, options) -> _ReadOptions:
-        return cls(options.max_image_bytes, options.fetch_timeout_s, options.fetch_retries, options.fetch_per_host,
-                   options.allow_private_urls, options.fetch_content_types, options.read_workers,
-                   options.fetch_workers)
-
-    def downloader(self) -> Downloader:
-        return Downloader(UrlPolicy(allow_private=self.allow_private), FetchLimits(
-            max_bytes=self.max_bytes, timeout_s=self.timeout_s, retries=self.retries, per_host=self.per_host,
-            content_types=self.content_types))
-
-
-def _read_batch(batch: dict[str, np.ndarray], options: _ReadOptions, with_pdq: bool) -> dict[str, np.ndarray]:
+def _read_batch(batch: dict[str, np.ndarray], options: BuildOptions, with_pdq: bool) -> dict[str, np.ndarray]:
     """Read (or download) each item's bytes in threads and make its PDQ record there, where the bytes are
     (as the in-process build does). Runs on a Ray node: in a task, or fused into an actor's call."""
     pdqhash = pdq.load_pdqhash() if with_pdq else None
@@ -216,17 +199,18 @@ def _read_batch(batch: dict[str, np.ndarray], options: _ReadOptions, with_pdq: b
     items = [SourceItem(str(item_id), str(location), str(location))
              for item_id, location in zip(batch["item_id"], batch["location"])]
     remote = any(is_remote(item.location) for item in items)
-    downloader = options.downloader() if remote else None
+    downloader = make_downloader(options) if remote else None
 
     def read(item: SourceItem) -> tuple[bytes, bytes, str, bool]:
         try:
-            data = read_bytes(item, max_bytes=options.max_bytes, timeout_s=options.timeout_s, downloader=downloader)
+            data = read_bytes(item, max_bytes=options.max_image_bytes, timeout_s=options.fetch_timeout_s,
+                              downloader=downloader)
         except FetchError as error:
             return b"", b"", str(error), error.transient
         record = pdq.hash_bytes(pdqhash, data) if pdqhash else pdq.empty(1)[0]
         return data, np.asarray(record, dtype=pdq.RECORD).tobytes(), "", False
 
-    workers = options.fetch_workers if remote else options.workers
+    workers = options.fetch_workers if remote else options.read_workers
     try:
         rows = list(ordered_map(read, items, workers=workers, lookahead=2 * workers))
     finally:
