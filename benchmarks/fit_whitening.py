@@ -38,7 +38,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from apps.eval import copies as copies_module
-    from apps.eval.embedding import ModelSpec, VectorCache, embed_jobs, make_embedding
+    from apps.eval.embedding import ModelSpec, VectorCache, cache_name, embed_jobs, make_embedding
     from apps.eval.protocols import background_loader, copy_queries, file_job, groups_from_source, list_collection
     from services.embedder.descriptor import Whitening, fit_learned_whitening
 
@@ -46,7 +46,7 @@ def main() -> None:
     if dict(spec.extra).get("whitening"):
         parser.error("learn the whitening on the descriptor without one: leave out --set whitening=...")
     embedding = make_embedding(spec)
-    cache = VectorCache(args.cache_dir, embedding.info.fingerprint) if args.cache_dir else None
+    cache = VectorCache(args.cache_dir, cache_name(embedding.info)) if args.cache_dir else None
     if args.kind == "groups":
         groups = groups_from_source(args.source)
         jobs = [job for job, key in zip(groups.jobs, groups.keys) if groups.group_of.get(key)]

@@ -5,12 +5,18 @@ code, `weights="random"`), a bundle built from real demo photos, and the three r
 from __future__ import annotations
 
 import dataclasses
+import os
 import pathlib
 import shutil
 
 import pytest
 
 from cbir.health import wait_until_serving
+
+# The embedder's precision "auto" picks bfloat16 on CPUs with bfloat16 instructions; the suite's vectors must
+# not depend on which CPU runs it, so every embedder here (in-process or a service started by a test) computes
+# in float32 unless a test asks otherwise (tests/test_embedder_precision.py).
+os.environ.setdefault("CBIR_EMBEDDER_PRECISION", "float32")
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 DEMO_PHOTOS = ROOT / "demo" / "photos"

@@ -156,6 +156,14 @@ def query_profile() -> str:
             f"{descriptor.QUERY_REGION_GRID} at {descriptor.QUERY_REGION_SCALE}")
 
 
+def cache_name(info) -> str:
+    """The cache file name of a model (`ModelInfo`): its fingerprint, and its precision unless float32 (the
+    fingerprint is the same in both; their vectors are not bit-identical)."""
+    if info.precision in ("", "float32"):
+        return info.fingerprint
+    return f"{info.fingerprint}-{info.precision}"
+
+
 class VectorCache:
     """Vectors (and local features; a query's local features, its mirror's and its region vectors) of one
     model (by fingerprint) keyed by the sha256 of the encoded image, kept on disk. A cache written with

@@ -18,7 +18,7 @@ import numpy as np
 from cbir.bundle import model_to_dict
 from apps.eval import copies as copies_module
 from apps.eval import edits as edits_module
-from apps.eval.embedding import Embedded, ModelSpec, VectorCache, embed_jobs, make_embedding
+from apps.eval.embedding import Embedded, ModelSpec, VectorCache, cache_name, embed_jobs, make_embedding
 from apps.eval.indexes import BuiltIndex, IndexSpec, ann_recall_rows, gallery_levels
 from apps.eval.protocols import (
     DISTRACTOR_PREFIX,
@@ -64,7 +64,7 @@ class _Vectors:
         self._own = embedding is None
         self.embedding = embedding or make_embedding(options.model, options.embedder_target)
         self.info = self.embedding.info
-        self.cache = VectorCache(options.cache_dir, self.info.fingerprint) if options.cache_dir else None
+        self.cache = VectorCache(options.cache_dir, cache_name(self.info)) if options.cache_dir else None
         self.vectors: dict[str, np.ndarray] = {}
         self.local: dict[str, tuple[bytes, ...]] = {}
         self.regions: dict[str, np.ndarray] = {}

@@ -15,7 +15,7 @@ class Vector(_message.Message):
     def __init__(self, dimension: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "feature", "dimension", "weights_source", "weights_fingerprint", "preprocessing", "fingerprint", "pooling", "local_features")
+    __slots__ = ("name", "feature", "dimension", "weights_source", "weights_fingerprint", "preprocessing", "fingerprint", "pooling", "local_features", "precision")
     NAME_FIELD_NUMBER: _ClassVar[int]
     FEATURE_FIELD_NUMBER: _ClassVar[int]
     DIMENSION_FIELD_NUMBER: _ClassVar[int]
@@ -25,6 +25,7 @@ class ModelInfo(_message.Message):
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     POOLING_FIELD_NUMBER: _ClassVar[int]
     LOCAL_FEATURES_FIELD_NUMBER: _ClassVar[int]
+    PRECISION_FIELD_NUMBER: _ClassVar[int]
     name: str
     feature: str
     dimension: int
@@ -34,7 +35,8 @@ class ModelInfo(_message.Message):
     fingerprint: str
     pooling: str
     local_features: str
-    def __init__(self, name: _Optional[str] = ..., feature: _Optional[str] = ..., dimension: _Optional[int] = ..., weights_source: _Optional[str] = ..., weights_fingerprint: _Optional[str] = ..., preprocessing: _Optional[str] = ..., fingerprint: _Optional[str] = ..., pooling: _Optional[str] = ..., local_features: _Optional[str] = ...) -> None: ...
+    precision: str
+    def __init__(self, name: _Optional[str] = ..., feature: _Optional[str] = ..., dimension: _Optional[int] = ..., weights_source: _Optional[str] = ..., weights_fingerprint: _Optional[str] = ..., preprocessing: _Optional[str] = ..., fingerprint: _Optional[str] = ..., pooling: _Optional[str] = ..., local_features: _Optional[str] = ..., precision: _Optional[str] = ...) -> None: ...
 
 class Item(_message.Message):
     __slots__ = ("item_id", "url", "metadata")

@@ -55,8 +55,33 @@ def without_cuinit_noise():
                 view = view[os.write(2, view):]
 
 
-def log_devices() -> None:
-    """Log the GPUs TensorFlow will use, or that the model runs on the CPU."""
+BFLOAT16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
+
+
+def cpu_has_bfloat16(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """True when the CPU does bfloat16 maths in hardware (AMX or AVX512-BF16): there Keras's mixed bfloat16
+    runs several times faster than float32 (BENCHMARKS.md); elsewhere it is emulated and slower."""
+    try:
+        with open(cpuinfo, encoding="utf-8", errors="replace") as lines:
+            for line in lines:
+                if line.startswith("flags"):
+                    return any(flag in line.split() for flag in BFLOAT16_CPU_FLAGS)
+    except OSError:
+        pass
+    return False
+
+
+def resolve_precision(precision: str, backend: str, gpus: int) -> str:
+    """The `precision` setting made concrete: "float32" or "bfloat16"."""
+    if precision != "auto":
+        return precision
+    if backend != "keras":
+        return "float32"
+    return "bfloat16" if gpus or cpu_has_bfloat16() else "float32"
+
+
+def log_devices() -> int:
+    """Log the GPUs TensorFlow will use, or that the model runs on the CPU; returns the number of GPUs."""
     import tensorflow as tf
 
     with without_cuinit_noise():
@@ -66,3 +91,4 @@ def log_devices() -> None:
     else:
         log.info("TensorFlow sees no GPU; the model runs on the CPU (%s)", ", ".join(
             d.name for d in tf.config.list_physical_devices("CPU")))
+    return len(gpus)

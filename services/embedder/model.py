@@ -86,6 +86,24 @@ def build_vgg16(include_top: bool) -> keras.Model:
     return keras.applications.VGG16(include_top=include_top, weights=None, input_shape=INPUT_SHAPE)
 
 
+def with_precision(base: keras.Model, precision: str) -> keras.Model:
+    """`base` with the same weights computing in `precision`: "float32" gives `base` itself; "bfloat16" a
+    copy whose layers use Keras's "mixed_bfloat16" policy (bfloat16 maths, float32 weights)."""
+    if precision == "float32":
+        return base
+    if precision != "bfloat16":
+        raise ValueError(f"precision must be float32 or bfloat16, not {precision!r}")
+
+    def mixed(layer):
+        if isinstance(layer, keras.layers.InputLayer):
+            return layer.__class__.from_config(layer.get_config())
+        return layer.__class__.from_config({**layer.get_config(), "dtype": "mixed_bfloat16"})
+
+    copy = keras.models.clone_model(base, clone_function=mixed)
+    copy.set_weights(base.get_weights())
+    return copy
+
+
 POOLINGS = ("gem", "mac", "avg")
 
 
@@ -170,7 +188,7 @@ def trunk_model(base: keras.Model, *, preprocessing: str) -> keras.Model:
 def compile_trunk(model: keras.Model):
     """A traced `model(x, training=False)` for (N, H, W, 3) uint8 of any H, W (one trace for every shape)."""
     signature = [tf.TensorSpec(shape=(None, None, None, 3), dtype=tf.uint8, name="pixels")]
-    call = tf.function(lambda pixels: model(pixels, training=False), input_signature=signature)
+    call = tf.function(lambda pixels: tf.cast(model(pixels, training=False), tf.float32), input_signature=signature)
 
     def run(batch: np.ndarray) -> np.ndarray:
         return call(tf.convert_to_tensor(batch, dtype=tf.uint8)).numpy()
@@ -185,7 +203,7 @@ def compile_inference(model: keras.Model):
     measurements it is as fast as `predict_on_batch` and has less per-call overhead.
     """
     signature = [tf.TensorSpec(shape=(None, *INPUT_SHAPE), dtype=tf.uint8, name="pixels")]
-    call = tf.function(lambda pixels: model(pixels, training=False), input_signature=signature)
+    call = tf.function(lambda pixels: tf.cast(model(pixels, training=False), tf.float32), input_signature=signature)
 
     def run(batch: np.ndarray) -> np.ndarray:
         return call(tf.convert_to_tensor(batch, dtype=tf.uint8)).numpy()

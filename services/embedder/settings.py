@@ -56,6 +56,12 @@ class EmbedderSettings(ServerSettings):
         "keras", description="inference engine: keras (TensorFlow), or onnx (ONNX Runtime, the same model exported "
         "at start and checked to give the same vectors; needs the `onnx` extra)"
     )
+    precision: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="the network's arithmetic on the keras backend: float32, or bfloat16 (Keras mixed "
+        "precision: bfloat16 maths, float32 weights and vectors; cosine to float32 >= 0.9999 with ImageNet weights, "
+        "BENCHMARKS.md); auto = bfloat16 where the CPU has bfloat16 instructions (AMX, AVX512-BF16) or TensorFlow "
+        "sees a GPU, float32 elsewhere and on the onnx backend"
+    )
     max_batch: int = Field(32, ge=1, description="most images per model call")
     batch_timeout_ms: float = Field(
         5.0, ge=0, description="longest wait for more images after the first one of a batch arrived"
@@ -130,4 +136,6 @@ class EmbedderSettings(ServerSettings):
             raise ValueError("resize=keep_aspect needs feature gem: fc1 takes the fixed 224 x 224 input")
         if self.resize != "squash" and self.backend != "keras":
             raise ValueError(f"resize={self.resize} runs on the keras backend only (the ONNX export takes 224 x 224)")
+        if self.precision == "bfloat16" and self.backend != "keras":
+            raise ValueError("precision=bfloat16 runs on the keras backend only (the ONNX export is float32)")
         return self
