@@ -141,14 +141,7 @@ def inliers(queries: Sequence[LocalFeatures], candidates: Sequence[LocalFeatures
     for query in queries:
         if len(query) < 2:
             continue
-        similarity = (_unit(query.descriptors) @ flat.T).reshape(len(query), len(candidates), longest)
-        best = similarity.argmax(axis=2)
-        first = np.take_along_axis(similarity, best[..., None], 2)[..., 0]
-        np.put_along_axis(similarity, best[..., None], -np.inf, 2)
-        second = similarity.max(axis=2)
-        d1 = np.sqrt(np.maximum(2 - 2 * first, 0))
-        d2 = np.sqrt(np.maximum(2 - 2 * second, 0))
-        good = (d1 < RATIO * d2) & (first > 0)
+        good, best = _ratio_matches(query, flat, len(candidates), longest)
         for j in np.nonzero(good.sum(axis=0) >= max(4, min_matches))[0]:
             rows = np.nonzero(good[:, j])[0]
             source, target = query.xy[rows], candidates[j].xy[best[rows, j]]
@@ -156,6 +149,50 @@ def inliers(queries: Sequence[LocalFeatures], candidates: Sequence[LocalFeatures
             if mask is not None:
                 out[j] = max(out[j], _sane(model, mask, source, target, query.size, candidates[j].size))
     return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Correspondence:
+    """The keypoint matches one sane homography explains: `inliers` counts them as `inliers()` does."""
+
+    model: np.ndarray  # 3x3, query -> candidate
+    query: np.ndarray  # indices of the query's inlier keypoints
+    candidate: np.ndarray  # the candidate's, row for row
+    inliers: int
+
+
+def correspondence(query: LocalFeatures, candidate: LocalFeatures,
+                   min_matches: int = MIN_MATCHES) -> Correspondence | None:
+    """Which keypoints of the two images the homography of `inliers([query], [candidate])` explains; None when
+    that is 0."""
+    if len(query) < 2 or len(candidate) < 2:
+        return None
+    good, best = _ratio_matches(query, _unit(candidate.descriptors), 1, len(candidate))
+    rows = np.nonzero(good[:, 0])[0]
+    if len(rows) < max(4, min_matches):
+        return None
+    source, target = query.xy[rows], candidate.xy[best[rows, 0]]
+    model, mask = cv2.findHomography(source, target, cv2.RANSAC, RANSAC_PX, maxIters=1000, confidence=0.995)
+    if mask is None:
+        return None
+    count = _sane(model, mask, source, target, query.size, candidate.size)
+    if not count:
+        return None
+    kept = mask.ravel().astype(bool)
+    return Correspondence(model, rows[kept], best[rows[kept], 0], count)
+
+
+def _ratio_matches(query: LocalFeatures, flat: np.ndarray, count: int, longest: int) -> tuple[np.ndarray, np.ndarray]:
+    """(good (query keypoints, candidates): passes Lowe's ratio test, best: the candidate keypoint matched) of
+    a query against `count` candidates' unit descriptors, each padded with zero rows to `longest` (>= 2)."""
+    similarity = (_unit(query.descriptors) @ flat.T).reshape(len(query), count, longest)
+    best = similarity.argmax(axis=2)
+    first = np.take_along_axis(similarity, best[..., None], 2)[..., 0]
+    np.put_along_axis(similarity, best[..., None], -np.inf, 2)
+    second = similarity.max(axis=2)
+    d1 = np.sqrt(np.maximum(2 - 2 * first, 0))
+    d2 = np.sqrt(np.maximum(2 - 2 * second, 0))
+    return (d1 < RATIO * d2) & (first > 0), best
 
 
 def _sane(model: np.ndarray | None, mask: np.ndarray, source: np.ndarray, target: np.ndarray,

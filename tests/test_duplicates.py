@@ -267,6 +267,35 @@ def test_classify_evidence_order():
     assert dup.classify(0.5, 0, False, None, v) == ("", "score")
 
 
+def framed(photo: str) -> Image.Image:
+    """A demo photo pasted into the middle of another (the shared frame: a template, a background)."""
+    frame = Image.open(PHOTOS / "opencv-baboon.jpg").convert("RGB").resize((640, 480))
+    frame.paste(Image.open(PHOTOS / photo).convert("RGB").resize((400, 300)), (120, 90))
+    return frame
+
+
+def test_two_photos_in_one_shared_frame_are_no_copies(tmp_path):
+    """Two different photos pasted into one frame verify with ~140 inliers, all on the frame: no copy pair (a hole
+    where each shows its own photo), while a photo and its pasted copy stay one."""
+    from cbir import local_features
+    from services.indexer.verification import Verification
+
+    images = {"astronaut": Image.open(PHOTOS / "skimage-astronaut.jpg").convert("RGB"),
+              "framed-astronaut": framed("skimage-astronaut.jpg"), "framed-messi": framed("opencv-messi5.jpg")}
+    local = [local_features.extract(np.asarray(image)) for image in images.values()]
+    assert local_features.inliers([local[1]], [local[2]])[0] >= 5 * Verification().copy_inliers
+    ids = list(images)
+    write_bundle(tmp_path / "framed", ids=ids, urls=[f"https://example.invalid/{i}.jpg" for i in ids],
+                 vectors=np.array([[1, 0.1, 0], [1, 0, 0.1], [1, 0.05, 0.05]], dtype=np.float32),
+                 model=common_pb2.ModelInfo(name="vgg16", feature="gem", dimension=3, fingerprint="fp-frame",
+                                            local_features=local_features.DESCRIPTION),
+                 metric="angular", trees=3, local_features=[local_features.to_bytes(f) for f in local],
+                 local_features_kind=local_features.DESCRIPTION)
+    report = dup.find_duplicates(tmp_path / "framed", k=2, use_pdq=False, progress=False)
+    assert [(p.a, p.b, p.decided_by) for g in report.groups for p in g.pairs] == [
+        ("astronaut", "framed-astronaut", "inliers")]
+
+
 def test_a_scan_spends_the_search_effort_of_the_neighbours_it_asks(tmp_path):
     """A bundle's default search_k is set for 50 neighbours (trees x 50 x 10); a scan asking for 3 spends
     trees x 3 x 10 per item, finds the same pairs as at the default effort here, and takes an effort it is
