@@ -310,3 +310,19 @@ def test_the_vector_cache_drops_query_data_made_by_other_query_code(tmp_path, mo
     changed = VectorCache(tmp_path, "fp")
     vector, local, found = changed.get("query")
     assert np.array_equal(vector, np.ones(4)) and local == (b"item",) and found is None
+
+
+def test_each_precision_has_its_own_cache_file(tmp_path):
+    """float32 and bfloat16 vectors share a fingerprint but are not bit-identical: a cache written by one must
+    not answer the other (an evaluation of bfloat16 would silently score float32 vectors)."""
+    from apps.eval.embedding import cache_name
+    from cbir.v1 import common_pb2
+
+    float32 = common_pb2.ModelInfo(fingerprint="vgg16-gem-x", precision="float32")
+    bfloat16 = common_pb2.ModelInfo(fingerprint="vgg16-gem-x", precision="bfloat16")
+    assert cache_name(float32) == cache_name(common_pb2.ModelInfo(fingerprint="vgg16-gem-x")) == "vgg16-gem-x"
+    cache = VectorCache(tmp_path, cache_name(float32))
+    cache.put("image", np.ones(4, np.float32))
+    cache.save()
+    assert VectorCache(tmp_path, cache_name(bfloat16)).get("image") is None
+    assert VectorCache(tmp_path, cache_name(float32)).get("image") is not None
