@@ -29,9 +29,9 @@ def _index_options(function):
              "nlist, pq_m, nprobe (ivfpq); rerank, train_size, seed (hnsw-sq8, ivfpq). ef_search and nprobe "
              "set the bundle's default effort.")(function)
     return click.option(
-        "--index", "index_type", type=click.Choice(["annoy", "hnsw", "hnsw-sq8", "ivfpq", "milvus"]),
-        default=defaults.INDEX_TYPE,
-        help="Index type: annoy (trees), hnsw (faiss HNSW, exact distances), hnsw-sq8 (HNSW over 8-bit "
+        "--index", "index_type", type=click.Choice(["auto", "annoy", "hnsw", "hnsw-sq8", "ivfpq", "milvus"]),
+        default=defaults.INDEX_TYPE, show_default=True,
+        help="Index type: auto (annoy below 1M items, ivfpq from 1M: measured, BENCHMARKS.md), annoy (trees), hnsw (faiss HNSW, exact distances), hnsw-sq8 (HNSW over 8-bit "
              "vectors, re-ranked exactly), ivfpq (faiss IVF-PQ, re-ranked exactly; >= 9,984 items), milvus (a "
              "Milvus collection at CBIR_MILVUS_URI, else a milvus-lite database in the version folder; needs "
              "cbir[milvus]). The faiss and milvus types serve angular and euclidean only.")(function)
@@ -115,7 +115,7 @@ def index():
 def index_build(source, out, feature, weights, metric, trees, pca_dimension, pca_whiten, batch_size,
                 read_workers, embedder_target, parallel_batches, no_progress, incremental=False, deleted_file=None,
                 shard_size=1024, fetch_timeout=20.0, fetch_retries=3, fetch_workers=16, per_host=4,
-                public_urls_only=False, tls_ca=None, tls_cert=None, tls_key=None, index_type="annoy",
+                public_urls_only=False, tls_ca=None, tls_cert=None, tls_key=None, index_type=defaults.INDEX_TYPE,
                 index_params=(), ray_address=None):
     """Embed every image of SOURCE (a folder, or a .csv/.jsonl manifest with an id and a path or URL
     per row) and write a new index bundle version under --out."""
@@ -174,6 +174,9 @@ def _index_params(index_type: str, metric: str, given: tuple[str, ...]) -> dict[
         params[key.strip()] = int(value)
     if params and index_type == "annoy":
         raise click.BadParameter("the annoy index takes no --index-param (its parameter is --trees)",
+                                 param_hint="--index-param")
+    if params and index_type == "auto":
+        raise click.BadParameter("--index-param needs an index type: add --index annoy|hnsw|hnsw-sq8|ivfpq|milvus",
                                  param_hint="--index-param")
     return params
 
@@ -234,7 +237,7 @@ def _embedding(embedder_target, feature, weights, parallel_batches, tls=None, ra
               help="PCA dimension, 0 = off [default: as `cbir index build`].")
 @click.option("--pca-whiten/--no-pca-whiten", default=None, help="[default: as `cbir index build`]")
 def index_build_from_features(source, out, ids_file, model_spec, metric, trees, pca_dimension, pca_whiten,
-                              index_type="annoy", index_params=()):
+                              index_type=defaults.INDEX_TYPE, index_params=()):
     """Write a new index bundle version under --out from stored vectors, without running the model.
 
     SOURCE is a bundle (re-index it with another index type/metric/trees/PCA), an .npz with `vectors` and `ids`

@@ -16,6 +16,7 @@ Usage (100k x 512 took ~30 min on 2 busy cores, 26 of them building the two HNSW
   .venv/bin/python benchmarks/index_backends.py --items 100000 --dim 512
   .venv/bin/python benchmarks/index_backends.py --items 20000 --dim 128 --types annoy,hnsw --sweep
   .venv/bin/python benchmarks/index_backends.py --types ivfpq --index-param ivfpq:nprobe=64 --index-param ivfpq:rerank=8
+  .venv/bin/python benchmarks/index_backends.py --vectors real.npy --types annoy,ivfpq --sweep   # real GeM vectors
 """
 
 from __future__ import annotations
@@ -94,8 +95,15 @@ def main() -> None:
     parser.add_argument("--sweep", action="store_true", help="also recall and latency at a few efforts per type")
     parser.add_argument("--index-param", action="append", default=[], metavar="TYPE:KEY=VALUE",
                         help="a build parameter for one index type, e.g. ivfpq:nprobe=64 (repeatable)")
+    parser.add_argument("--vectors", type=pathlib.Path, default=None,
+                        help="real vectors instead of synthetic ones: an .npy of unit rows (e.g. the evaluation "
+                        "cache's GeM and region vectors of real photos); its last --queries rows are the queries")
     parser.add_argument("--workdir", type=pathlib.Path, default=None, help="keep vectors and bundles here")
     parser.add_argument("--json", type=pathlib.Path, default=None, help="write the results here")
+    parser.add_argument("--build-only", action="store_true",
+                        help="build the bundles (and record their build time in WORKDIR/TYPE.build.json), serve nothing")
+    parser.add_argument("--reuse", action="store_true",
+                        help="serve the bundles an earlier --build-only run left in --workdir (its build figures)")
     args = parser.parse_args()
     types = [t.strip() for t in args.types.split(",") if t.strip()]
     unknown = sorted(set(types) - set(TYPES))
@@ -107,18 +115,30 @@ def main() -> None:
 
     workdir = args.workdir or pathlib.Path(tempfile.mkdtemp(prefix="index-backends-"))
     workdir.mkdir(parents=True, exist_ok=True)
-    vectors_path, ids_path = workdir / f"vectors-{args.items}x{args.dim}-s{args.seed}.npy", workdir / f"ids-{args.items}.txt"
-    if not vectors_path.exists():
-        write_clustered_npy(vectors_path, args.items, args.dim, seed=args.seed)
+    if args.vectors:
+        given = np.load(args.vectors, mmap_mode="r")
+        args.items, args.dim = len(given) - args.queries, given.shape[1]
+        queries = np.array(given[args.items:], dtype=np.float32)
+        vectors_path, ids_path = workdir / f"real-{args.items}x{args.dim}.npy", workdir / f"ids-{args.items}.txt"
+        np.save(vectors_path, np.asarray(given[:args.items], dtype=np.float32))
+        described = f"real vectors from {args.vectors}"
+    else:
+        vectors_path = workdir / f"vectors-{args.items}x{args.dim}-s{args.seed}.npy"
+        ids_path = workdir / f"ids-{args.items}.txt"
+        if not vectors_path.exists():
+            write_clustered_npy(vectors_path, args.items, args.dim, seed=args.seed)
+        queries = held_out_queries(args.dim, args.queries, args.seed)
+        described = "clustered unit vectors"
     if not ids_path.exists():
         write_ids(ids_path, args.items)
-    queries = held_out_queries(args.dim, args.queries, args.seed)
     fingerprint, model_path = synthetic_model(workdir, args.dim, args.seed)
     base = np.load(vectors_path, mmap_mode="r")
-    truth = exact_top_k(base, queries, args.k, "angular")
-    print(f"{args.items:,} x {args.dim} clustered unit vectors, angular, {len(queries)} held-out queries, k = {args.k}; "
+    truth = None if args.build_only else exact_top_k(base, queries, args.k, "angular")
+    print(f"{args.items:,} x {args.dim} {described}, angular, {len(queries)} held-out queries, k = {args.k}; "
           f"work folder {workdir}")
 
+    if (args.build_only or args.reuse) and not args.workdir:
+        parser.error("--build-only and --reuse need --workdir")
     results = []
     for index_type in types:
         root = workdir / index_type
@@ -128,7 +148,15 @@ def main() -> None:
             kind, _, param = given.partition(":")
             if kind == index_type:
                 command += ["--index-param", param]
-        build = timed_child(command)
+        record = workdir / f"{index_type}.build.json"
+        if args.reuse and record.exists():
+            build = json.loads(record.read_text())
+        else:
+            build = timed_child(command)
+            record.write_text(json.dumps({key: build[key] for key in ("seconds", "max_rss", "user_s", "sys_s")}))
+        if args.build_only:
+            print(f"  {index_type}: built in {build['seconds']:.0f} s (peak RSS {mib(build['max_rss'])})", flush=True)
+            continue
         from cbir.bundle import open_bundle
 
         with open_bundle(root, verify_checksums=False) as bundle:
@@ -162,6 +190,8 @@ def main() -> None:
               f"{mib(one['RssFile'])}), two indexers PSS {mib(two_pss)}, QueryVector p50 {row['p50_ms']:.2f} ms, "
               f"p99 {row['p99_ms']:.2f} ms, recall@{args.k} {row['recall']:.3f}", flush=True)
 
+    if not results:
+        return
     annoy = next((r for r in results if r["index_type"] == "annoy"), results[0])
     print(f"\n| index | parameters | default effort | build s | build peak RSS | index file | indexer RSS (anon + file) "
           f"| 2 indexers PSS | QueryVector p50 / p99 ms | recall@{args.k} |")

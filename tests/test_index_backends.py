@@ -333,6 +333,27 @@ def test_a_collection_too_small_for_ivfpq_is_refused_naming_the_index_to_use(tmp
     assert not (tmp_path / "b").exists()
 
 
+def test_auto_is_annoy_below_a_million_items_and_ivfpq_from_there(tmp_path):
+    """The build's default index type follows the collection's size (the measured choice, BENCHMARKS.md);
+    faiss cannot serve manhattan, so auto stays with Annoy for it; parameters need a named index type."""
+    from cbir.bundle.ann import AUTO_IVFPQ_ITEMS, resolve_index_type
+
+    assert resolve_index_type("auto", AUTO_IVFPQ_ITEMS - 1, "angular") == "annoy"
+    assert resolve_index_type("auto", AUTO_IVFPQ_ITEMS, "angular") == "ivfpq"
+    assert resolve_index_type("auto", AUTO_IVFPQ_ITEMS, "euclidean") == "ivfpq"
+    assert resolve_index_type("auto", 10 * AUTO_IVFPQ_ITEMS, "manhattan") == "annoy"
+    assert resolve_index_type("hnsw", 10, "angular") == "hnsw"
+
+    n, d = shape("annoy")
+    kwargs = dict(ids=[f"i{i}" for i in range(n)], urls=[""] * n, vectors=clustered(n, d), model=model(d),
+                  metric="angular", trees=10, index_type="auto")
+    with open_bundle(write_bundle(tmp_path / "auto", **kwargs).parent) as bundle:
+        assert bundle.manifest.index_type == "annoy" and (bundle.path / INDEX_FILE).exists()
+    with pytest.raises(InvalidBundleInput, match="need an index type, not auto"):
+        write_bundle(tmp_path / "params", **kwargs, index_params={"nlist": 8})
+    assert not (tmp_path / "params").exists()
+
+
 @pytest.mark.parametrize(
     "index_type,params,message",
     [("hnsw", {"nlist": 4}, "'nlist' do not apply to index type 'hnsw'"),
@@ -415,8 +436,11 @@ def test_cli_builds_each_index_type_and_refuses_manhattan_with_faiss(tmp_path):
     info = json.loads(runner.invoke(cli, ["index", "info", str(tmp_path / "hnsw")]).output)
     assert (info["index_type"], info["index_params"]["m"], info["default_search_k"]) == ("hnsw", 8, 40)
     result = runner.invoke(cli, ["index", "build-from-features", str(source), "--out", str(tmp_path / "p"),
-                                 "--index-param", "m=8"])
+                                 "--index", "annoy", "--index-param", "m=8"])
     assert result.exit_code == 2 and "annoy index takes no --index-param" in result.output
+    result = runner.invoke(cli, ["index", "build-from-features", str(source), "--out", str(tmp_path / "p"),
+                                 "--index-param", "m=8"])  # the default, auto: which index the parameter is for?
+    assert result.exit_code == 2 and "--index-param needs an index type" in result.output
     result = runner.invoke(cli, ["index", "build-from-features", str(source), "--out", str(tmp_path / "m"),
                                  "--index", "ivfpq", "--metric", "manhattan"])
     assert result.exit_code == 2 and "only available with the annoy index" in result.output

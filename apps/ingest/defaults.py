@@ -2,7 +2,7 @@
 `cbir index build-from-features`, `cbir eval` and the benchmarks (light: no heavy imports)."""
 
 METRIC = "angular"
-INDEX_TYPE = "annoy"  # or "hnsw", "hnsw-sq8", "ivfpq" (faiss; cbir.bundle.faiss_index)
+INDEX_TYPE = "auto"  # annoy below 1M items, ivfpq from there (cbir.bundle.ann.resolve_index_type); or a type
 TREES = 30  # Annoy's
 PCA_DIMENSION = 0  # no PCA
 PCA_WHITEN = False

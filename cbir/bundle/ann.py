@@ -76,8 +76,25 @@ class AnnIndex(Protocol):
         ...
 
 
+# `auto`, the build's default: Annoy below a million items, IVF-PQ from there (BENCHMARKS.md, "Index backends at
+# 1M and 10M"): at 1M IVF-PQ answers in 0.4x Annoy's time with a 31x smaller index file, and at 10M Annoy's
+# index (24 GB, all of it needed in RAM) cannot stay within 8 GiB; below, Annoy's recall on real GeM vectors is
+# the higher one and its latency a few ms. Metrics faiss lacks (manhattan) stay with Annoy.
+AUTO = "auto"
+AUTO_IVFPQ_ITEMS = 1_000_000
+
+
+def resolve_index_type(index_type: str, item_count: int, metric: str) -> str:
+    """The index type a build uses: `index_type` itself, or for "auto" annoy or ivfpq by the collection's size."""
+    if index_type != AUTO:
+        return index_type
+    return "ivfpq" if item_count >= AUTO_IVFPQ_ITEMS and metric in FAISS_METRICS else "annoy"
+
+
 def index_choice_problem(index_type: str, metric: str) -> str:
     """Why this index type cannot serve this metric, in words ("" when it can)."""
+    if index_type == AUTO:
+        return ""
     if index_type not in INDEX_TYPES:
         return f"index type {index_type!r} is not one of {', '.join(INDEX_TYPES)}"
     if index_type == "milvus" and metric not in MILVUS_METRICS:

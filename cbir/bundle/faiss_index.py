@@ -60,7 +60,12 @@ FAISS_SEED = 20261124  # seeds the training sample and faiss's k-means
 HNSW_M = 32
 HNSW_EF_CONSTRUCTION = 200
 SQ8_RERANK = 2
-IVFPQ_RERANK = 4
+# Candidates re-ranked exactly, per hit asked: PQ codes order the nearest few hundred poorly, and the worse the
+# denser the collection. Clustered 512-d vectors, recall@50 (BENCHMARKS.md, "1M and 10M"): at 1M 0.947 with
+# 4 x k, 0.999 with 8 x k; at 10M 0.696 / 0.852 / 0.955 / 0.994 with 4 / 8 / 16 / 32 x k.
+IVFPQ_RERANK = 8
+IVFPQ_RERANK_LARGE = 16
+IVFPQ_LARGE_ITEMS = 4_000_000
 PQ_BITS = 8
 # k-means wants 39 training vectors per centroid (faiss warns below that), and the product quantiser
 # trains 2^8 = 256 centroids per sub-vector: fewer items than this cannot train IVF-PQ (9,984).
@@ -123,7 +128,7 @@ def plan(index_type: str, item_count: int, dimension: int, given: Mapping[str, A
     given = {name: int(value) for name, value in given.items()}
     if index_type == "ivfpq":
         params = {"nlist": default_nlist(item_count), "pq_m": default_pq_m(dimension), "pq_bits": PQ_BITS,
-                  "rerank": IVFPQ_RERANK}
+                  "rerank": IVFPQ_RERANK if item_count < IVFPQ_LARGE_ITEMS else IVFPQ_RERANK_LARGE}
     else:
         params = {"m": HNSW_M, "ef_construction": HNSW_EF_CONSTRUCTION}
         if index_type == "hnsw-sq8":

@@ -38,7 +38,9 @@ def search_k_for(manifest, n: int) -> int:
 #   candidates asked for);
 # - ivfpq: nprobe, the inverted lists visited per query (at most nlist).
 # Over 100k clustered 512-d unit vectors (benchmarks/index_backends.py, 2 busy CPU cores), recall@50
-# at these defaults: hnsw and hnsw-sq8 0.995 (efSearch 128), ivfpq 0.966 (nprobe 16 of 1,265 lists,
-# 4 x 50 candidates re-ranked exactly), against Annoy's 0.967 at its default search_k.
+# at these defaults: hnsw and hnsw-sq8 0.995 (efSearch 128), against Annoy's 0.967 at its default search_k.
+# ivfpq's nprobe was set on real GeM vectors (47k global and region vectors of devbench photos): recall@50
+# 0.902 at nprobe 16, 0.950 at 32, 0.974 at 64; on 1M clustered vectors its recall does not depend on
+# nprobe from 8 on, its re-rank depth decides (faiss_index.IVFPQ_RERANK). BENCHMARKS.md, "1M and 10M".
 HNSW_EF_SEARCH = 128
-IVF_NPROBE = 16
+IVF_NPROBE = 32

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from cbir.bundle import faiss_index, milvus_index
-from cbir.bundle.ann import index_choice_problem
+from cbir.bundle.ann import AUTO, index_choice_problem, resolve_index_type
 from cbir.bundle.annoy_index import write_annoy
 from cbir.bundle.files import fsync_path, sha256_of
 from cbir.bundle.inputs import BundleInputs, InvalidBundleInput, validate_inputs
@@ -89,10 +89,15 @@ def write_bundle(
     "milvus": a collection of its own in the Milvus at `milvus_uri` (else CBIR_MILVUS_URI, else a milvus-lite
     database in the version folder), HNSW with index_params m, ef_construction, ef_search; making it current
     points the bundle's Milvus alias at it (`cbir.bundle.milvus_index`).
+    "auto" is annoy below `ann.AUTO_IVFPQ_ITEMS` items and ivfpq from there (metric permitting).
     `pdq` (one `cbir.pdq.RECORD` per row) is stored for the duplicate finder.
     Returns the version folder. Raises `InvalidBundleInput` (a `BundleError` and a `ValueError`)
     for bad arguments; on any failure nothing is left behind under a version name.
     """
+    if index_type == AUTO and index_params:
+        raise InvalidBundleInput(f"index_params {dict(index_params)!r} need an index type, not auto: choose one "
+                                 "(annoy, hnsw, hnsw-sq8, ivfpq, milvus)")
+    index_type = resolve_index_type(index_type, len(ids) if hasattr(ids, "__len__") else 0, metric)
     problem = index_choice_problem(index_type, metric) or (
         milvus_index.metric_problem(metric) if index_type == "milvus" else "")
     if problem and metric in METRICS:  # an unknown metric is validate_inputs' to name
