@@ -68,6 +68,7 @@ def run_build(source: Path, out: Path, *extra: str) -> subprocess.CompletedProce
 def _env() -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CBIR_")}
     env["CBIR_EMBEDDER_RANDOM_SEED"] = "7"  # the seed of conftest's random_embedder
+    env["CBIR_EMBEDDER_PRECISION"] = "float32"  # and its precision (conftest): the same vectors
     return env
 
 
