@@ -144,10 +144,9 @@ def inliers(queries: Sequence[LocalFeatures], candidates: Sequence[LocalFeatures
         good, best = _ratio_matches(query, flat, len(candidates), longest)
         for j in np.nonzero(good.sum(axis=0) >= max(4, min_matches))[0]:
             rows = np.nonzero(good[:, j])[0]
-            source, target = query.xy[rows], candidates[j].xy[best[rows, j]]
-            model, mask = cv2.findHomography(source, target, cv2.RANSAC, RANSAC_PX, maxIters=1000, confidence=0.995)
-            if mask is not None:
-                out[j] = max(out[j], _sane(model, mask, source, target, query.size, candidates[j].size))
+            fit = _fit(query, candidates[j], rows, best[rows, j])
+            if fit is not None:
+                out[j] = max(out[j], fit.inliers)
     return out
 
 
@@ -171,7 +170,14 @@ def correspondence(query: LocalFeatures, candidate: LocalFeatures,
     rows = np.nonzero(good[:, 0])[0]
     if len(rows) < max(4, min_matches):
         return None
-    source, target = query.xy[rows], candidate.xy[best[rows, 0]]
+    return _fit(query, candidate, rows, best[rows, 0])
+
+
+def _fit(query: LocalFeatures, candidate: LocalFeatures, rows: np.ndarray, matched: np.ndarray
+         ) -> Correspondence | None:
+    """The RANSAC homography taking query keypoints `rows` to their matches `matched` in the candidate; None
+    when there is none or it is not sane."""
+    source, target = query.xy[rows], candidate.xy[matched]
     model, mask = cv2.findHomography(source, target, cv2.RANSAC, RANSAC_PX, maxIters=1000, confidence=0.995)
     if mask is None:
         return None
@@ -179,7 +185,7 @@ def correspondence(query: LocalFeatures, candidate: LocalFeatures,
     if not count:
         return None
     kept = mask.ravel().astype(bool)
-    return Correspondence(model, rows[kept], best[rows[kept], 0], count)
+    return Correspondence(model, rows[kept], matched[kept], count)
 
 
 def _ratio_matches(query: LocalFeatures, flat: np.ndarray, count: int, longest: int) -> tuple[np.ndarray, np.ndarray]:
