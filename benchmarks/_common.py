@@ -68,6 +68,17 @@ def write_ids(path: pathlib.Path, n: int, prefix: str = "img") -> None:
             handle.write(f"{prefix}{i:08d}\n")
 
 
+def clustered_set(workdir: pathlib.Path, items: int, dim: int, seed: int, queries: int
+                  ) -> tuple[pathlib.Path, pathlib.Path, np.ndarray]:
+    """(vectors .npy, ids file, held-out queries) of a synthetic set in `workdir`, written unless already there."""
+    vectors_path, ids_path = workdir / f"vectors-{items}x{dim}-s{seed}.npy", workdir / f"ids-{items}.txt"
+    if not vectors_path.exists():
+        write_clustered_npy(vectors_path, items, dim, seed=seed)
+    if not ids_path.exists():
+        write_ids(ids_path, items)
+    return vectors_path, ids_path, held_out_queries(dim, queries, seed)
+
+
 def held_out_queries(dim: int, n: int, seed: int) -> np.ndarray:
     """n query vectors from the clusters of `write_clustered_npy(..., dim, seed=seed)`, none of them its vectors."""
     return clustered(np.random.default_rng(seed + 99), centers_for(dim, 2000, seed), n)

@@ -37,8 +37,8 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 from _common import (
     PYTHON,
+    clustered_set,
     exact_top_k,
-    held_out_queries,
     memory,
     mib,
     percentile,
@@ -47,7 +47,6 @@ from _common import (
     service,
     synthetic_model,
     timed_child,
-    write_clustered_npy,
     write_ids,
 )
 
@@ -122,15 +121,10 @@ def main() -> None:
         vectors_path, ids_path = workdir / f"real-{args.items}x{args.dim}.npy", workdir / f"ids-{args.items}.txt"
         np.save(vectors_path, np.asarray(given[:args.items], dtype=np.float32))
         described = f"real vectors from {args.vectors}"
-    else:
-        vectors_path = workdir / f"vectors-{args.items}x{args.dim}-s{args.seed}.npy"
-        ids_path = workdir / f"ids-{args.items}.txt"
-        if not vectors_path.exists():
-            write_clustered_npy(vectors_path, args.items, args.dim, seed=args.seed)
-        queries = held_out_queries(args.dim, args.queries, args.seed)
-        described = "clustered unit vectors"
-    if not ids_path.exists():
         write_ids(ids_path, args.items)
+    else:
+        vectors_path, ids_path, queries = clustered_set(workdir, args.items, args.dim, args.seed, args.queries)
+        described = "clustered unit vectors"
     fingerprint, model_path = synthetic_model(workdir, args.dim, args.seed)
     base = np.load(vectors_path, mmap_mode="r")
     truth = None if args.build_only else exact_top_k(base, queries, args.k, "angular")

@@ -35,8 +35,8 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 from _common import (
     PYTHON,
+    clustered_set,
     exact_top_k,
-    held_out_queries,
     memory,
     mib,
     percentile,
@@ -45,8 +45,6 @@ from _common import (
     service,
     synthetic_model,
     timed_child,
-    write_clustered_npy,
-    write_ids,
 )
 from _milvus import embedded_milvus  # noqa: E402
 
@@ -84,12 +82,7 @@ def main() -> None:
 
     workdir = args.workdir or pathlib.Path(tempfile.mkdtemp(prefix="milvus-backend-"))
     workdir.mkdir(parents=True, exist_ok=True)
-    vectors_path, ids_path = workdir / f"vectors-{args.items}x{args.dim}-s{args.seed}.npy", workdir / f"ids-{args.items}.txt"
-    if not vectors_path.exists():
-        write_clustered_npy(vectors_path, args.items, args.dim, seed=args.seed)
-    if not ids_path.exists():
-        write_ids(ids_path, args.items)
-    queries = held_out_queries(args.dim, args.queries, args.seed)
+    vectors_path, ids_path, queries = clustered_set(workdir, args.items, args.dim, args.seed, args.queries)
     fingerprint, model_path = synthetic_model(workdir, args.dim, args.seed)
     truth = exact_top_k(np.load(vectors_path, mmap_mode="r"), queries, args.k, "angular")
     print(f"{args.items:,} x {args.dim} clustered unit vectors, angular, {len(queries)} held-out queries, k = {args.k}; "
