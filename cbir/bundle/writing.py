@@ -97,12 +97,12 @@ def write_bundle(
     if index_type == AUTO and index_params:
         raise InvalidBundleInput(f"index_params {dict(index_params)!r} need an index type, not auto: choose one "
                                  "(annoy, hnsw, hnsw-sq8, ivfpq, milvus)")
-    index_type = resolve_index_type(index_type, len(ids) if hasattr(ids, "__len__") else 0, metric)
     problem = index_choice_problem(index_type, metric) or (
         milvus_index.metric_problem(metric) if index_type == "milvus" else "")
     if problem and metric in METRICS:  # an unknown metric is validate_inputs' to name
         raise InvalidBundleInput(problem)
     inputs = validate_inputs(ids, urls, vectors, model, metric, trees, pca_dimension, metadata)
+    index_type = resolve_index_type(index_type, len(inputs.ids), metric)  # auto picks only what the metric allows
     trees, pca_dimension = int(trees), int(pca_dimension)
     index_dimension = pca_dimension or inputs.dimension
     if index_type == "annoy":
