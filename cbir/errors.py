@@ -59,3 +59,9 @@ class WeightsError(CbirError):
     """No usable VGG-16 weights: raised at start, with what was tried and how to fix it."""
 
     code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class SetupError(CbirError):
+    """A service cannot be set up as configured (e.g. no usable calibration photos): raised at start, in words."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION

@@ -25,7 +25,7 @@ from grpc_reflection.v1alpha import reflection
 
 from cbir import metrics
 from cbir.channels import read_pem
-from cbir.errors import CbirError, WeightsError
+from cbir.errors import CbirError, SetupError, WeightsError
 from cbir.logs import setup_logging
 
 log = logging.getLogger(__name__)
@@ -322,6 +322,10 @@ class ServiceServer:
             log.error("cannot start the %s: %s", self.name, error)
             self.stop(0)
             return 2
+        except SetupError as error:
+            log.error("cannot start the %s: %s", self.name, error)
+            self.stop(0)
+            return 1
         except Exception:
             log.exception("cannot start the %s: loading failed", self.name)
             self.stop(0)

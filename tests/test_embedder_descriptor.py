@@ -151,18 +151,16 @@ def test_settings_refuse_combinations_that_cannot_work_in_plain_words():
         EmbedderSettings(weights="random", metrics_port=None, feature="fc1", resize="keep_aspect")
     with pytest.raises(ValueError, match="fc1"):
         EmbedderSettings(weights="random", metrics_port=None, feature="fc1", resize="squash+keep_aspect")
-    with pytest.raises(ValueError, match="keras backend only"):
-        EmbedderSettings(weights="random", metrics_port=None, backend="onnx", resize="squash+keep_aspect")
 
 
-def test_resize_auto_picks_the_descriptor_for_gem_on_keras_and_squash_otherwise():
+def test_resize_auto_picks_the_descriptor_for_gem_on_either_backend_and_squash_for_fc1():
     def resolved(**values):
         settings = EmbedderSettings(weights="random", metrics_port=None, **values)
         return settings.resize, settings.input_size
 
     assert resolved() == ("squash+keep_aspect", 448)
     assert resolved(feature="fc1") == ("squash", 224)
-    assert resolved(backend="onnx") == ("squash", 224)
+    assert resolved(backend="onnx") == ("squash+keep_aspect", 448)
     assert resolved(resize="keep_aspect") == ("keep_aspect", 448)
     assert resolved(resize="squash") == ("squash", 224)
     assert resolved(input_size=320) == ("squash+keep_aspect", 320)

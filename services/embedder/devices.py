@@ -72,7 +72,7 @@ def cpu_has_bfloat16(cpuinfo: str = "/proc/cpuinfo") -> bool:
 
 
 def resolve_precision(precision: str, backend: str, gpus: int) -> str:
-    """The `precision` setting made concrete: "float32" or "bfloat16"."""
+    """The `precision` setting made concrete: "float32", "bfloat16" or "int8" (onnx backend, never chosen by auto)."""
     if precision != "auto":
         return precision
     if backend != "keras":

@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -25,6 +25,8 @@ from cbir.v1 import common_pb2
 from services.embedder import images
 from services.embedder.devices import log_devices, resolve_precision
 from services.embedder.aspect import AspectRunner, Pass
+from services.embedder.calibration import calibration_images
+from services.embedder.images import fit
 from services.embedder.descriptor import Whitening
 from services.embedder.model import (
     DIMENSIONS,
@@ -47,18 +49,35 @@ BACKENDS = ("keras", "onnx")
 Runner = Callable[[np.ndarray], np.ndarray]  # (N, 224, 224, 3) uint8 -> (N, D) float32, callable from any thread
 
 
-def compile_runner(model, backend: Literal["keras", "onnx"] = "keras") -> Runner:
-    """`model` compiled for inference by `backend`: "keras" (a traced TensorFlow function) or "onnx" (ONNX
-    Runtime, exported from the same model and checked against Keras's vectors; `OnnxUnsupported` or
+def compile_runner(model, backend: Literal["keras", "onnx"] = "keras", *, precision: str = "float32",
+                   calibration: Sequence[np.ndarray] = (), cache_dir: Path | None = None) -> Runner:
+    """`model` (a feature model, or a descriptor model's trunk) compiled for inference by `backend`: "keras" (a
+    traced TensorFlow function) or "onnx" (ONNX Runtime, exported from the same model, int8-quantized on the
+    `calibration` images when `precision` is "int8", and checked against Keras's vectors; `OnnxUnsupported` or
     RuntimeError when it cannot be used, and then nothing falls back silently)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
-    keras_runner = compile_inference(model)
+    keras_runner = compile_trunk(model) if len(model.outputs[0].shape) == 4 else compile_inference(model)
     if backend == "keras":
         return keras_runner
     from services.embedder.onnx_backend import checked_runner  # optional dependency: onnx, onnxruntime
 
-    return checked_runner(model, reference=keras_runner)
+    return checked_runner(model, reference=keras_runner, precision=precision, calibration=calibration,
+                          cache_dir=cache_dir)
+
+
+def onnx_calibration(settings, shapes) -> list[np.ndarray]:
+    """The int8 calibration images (`calibration.calibration_images`) for `settings`; [] unless precision=int8."""
+    if settings.precision != "int8":
+        return []
+
+    def decode(data: bytes) -> np.ndarray:
+        keep_aspect = settings.resize != "squash"
+        return images.load_image(data, max_pixels=settings.max_pixels, max_bytes=settings.max_image_bytes,
+                                 size=source_side(settings) if keep_aspect else 224, keep_aspect=keep_aspect,
+                                 source=keep_aspect)
+
+    return calibration_images(settings.calibration, decode, shapes)
 
 
 WHITENING_DIR = Path(__file__).resolve().parent / "whitening"
@@ -156,14 +175,15 @@ class Embedder:
     def from_settings(cls, settings) -> Embedder:
         """Resolve the weights (WeightsError when there are none), build the model. Not warmed up."""
         precision = resolve_precision(settings.precision, settings.backend, gpus=log_devices())
+        keras_precision = precision if precision == "bfloat16" else "float32"  # int8: ONNX Runtime's, from float32
         weights = resolve_weights(settings)
         base = build_vgg16(include_top=weights.include_top)
         apply_weights(base, weights)
         if settings.feature == "gem" and weights.include_top:
             base = conv_only(base)
         if settings.resize != "squash":
-            return cls._keep_aspect(settings, base, weights, precision)
-        model = feature_model(with_precision(base, precision), feature=settings.feature,
+            return cls._keep_aspect(settings, base, weights, precision, keras_precision)
+        model = feature_model(with_precision(base, keras_precision), feature=settings.feature,
                               preprocessing=weights.preprocessing, gem_p=settings.gem_p,
                               pooling=settings.pooling, scales=settings.scales)
         info = model_info(feature=settings.feature, weights=weights, gem_p=settings.gem_p,
@@ -175,17 +195,23 @@ class Embedder:
         )
         return cls(
             base=base, model=model, info=info, preprocessing=weights.preprocessing,
-            runner=compile_runner(model, settings.backend),  # same vectors (checked), same fingerprint
+            # same vectors (checked), same fingerprint
+            runner=compile_runner(model, settings.backend, precision=precision, cache_dir=settings.cache_dir,
+                                  calibration=onnx_calibration(settings, [lambda image: image])),
             max_batch=settings.max_batch, max_pixels=settings.max_pixels, max_image_bytes=settings.max_image_bytes,
         )
 
     @classmethod
-    def _keep_aspect(cls, settings, base, weights: Weights, precision: str) -> Embedder:
+    def _keep_aspect(cls, settings, base, weights: Weights, precision: str, keras_precision: str) -> Embedder:
         whitening = load_whitening(settings.whitening)
-        trunk = trunk_model(with_precision(base, precision), preprocessing=weights.preprocessing)
+        trunk = trunk_model(with_precision(base, keras_precision), preprocessing=weights.preprocessing)
         if whitening is not None:
             whitening.check_weights(weights.fingerprint)
-        runner = AspectRunner(compile_trunk(trunk), passes=passes(settings), pooling=settings.pooling,
+        steps = passes(settings)
+        calibration = onnx_calibration(settings, [lambda image, step=step: fit(image, *step) for step in steps])
+        trunk_runner = compile_runner(trunk, settings.backend, precision=precision, calibration=calibration,
+                                      cache_dir=settings.cache_dir)
+        runner = AspectRunner(trunk_runner, passes=steps, pooling=settings.pooling,
                               gem_p=settings.gem_p, whitening=whitening, max_batch=settings.max_batch)
         info = model_info(feature="gem", weights=weights, gem_p=settings.gem_p,
                           pooling_text=descriptor_name(settings, whitening),

@@ -1,32 +1,50 @@
 """Optional ONNX Runtime inference for the embedder (`CBIR_EMBEDDER_BACKEND=onnx`).
 
-The same Keras feature model (same weights, same preprocessing and pooling) is written out as an
-ONNX graph — layer by layer, from the Keras weights, with no converter package — and run by ONNX
-Runtime, which is faster on CPU than Keras/TensorFlow for VGG-16 (measured in
-`benchmarks/embedder_throughput.py`; see docs/notes/performance.md). On a host with a GPU and the
-`onnxruntime-gpu` package, the CUDA provider is used.
+The same Keras model (same weights, same preprocessing and pooling) is written out as an ONNX graph —
+layer by layer, from the Keras weights, with no converter package — and run by ONNX Runtime. Two kinds
+of model translate: the single-scale feature models (`gem` with GeM, MAC or average pooling on the
+squashed 224 x 224 input, and `fc1`), and the descriptor models' trunk (`model.trunk_model`: images
+of any size -> block5_conv3 maps, pooled in NumPy by `aspect.AspectRunner`). Anything else (e.g.
+multi-scale in the graph) raises `OnnxUnsupported`, which names the layer. On a host with a GPU and
+the `onnxruntime-gpu` package, the CUDA provider is used.
 
-Vectors stay equivalent: at load, `checked_runner` runs a fixed check batch through both and refuses
-the ONNX model unless every vector has cosine >= `MIN_COSINE` (0.9999) with Keras's. The model
-fingerprint is therefore unchanged: bundles built with one backend serve queries from the other.
+`precision="int8"` quantizes the graph statically (`quantize_int8`: int8 weights per channel, uint8
+activations calibrated on photos like those to be indexed), about 3x float32 on a CPU with VNNI or
+AMX-INT8 (BENCHMARKS.md). The quantized graph is kept in the cache folder for the next start.
 
-Supported: the single-scale models (`gem` with GeM, MAC or average pooling, and `fc1`). Anything
-else (e.g. multi-scale) raises `OnnxUnsupported`, which names the layer.
+Vectors stay equivalent: at load, `checked_runner` runs check pixels through both and refuses the ONNX
+model unless every vector has cosine >= `MIN_COSINE` (0.9999; int8: `MIN_COSINE_INT8`) with Keras's
+float32 ones. The model fingerprint is therefore unchanged: bundles built with one backend serve
+queries from the other.
 Install with `pip install -e ".[onnx]"`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import logging
+import os
+import tempfile
 import time
+from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
+
+from services.embedder.descriptor import pool
 
 log = logging.getLogger(__name__)
 
 MIN_COSINE = 0.9999
+# int8 maths: vectors measured at cosine >= 0.999 to float32 with the ImageNet weights (BENCHMARKS.md); the
+# check refuses a graph that is clearly off, the hard evaluation is what showed the ranking holds.
+MIN_COSINE_INT8 = 0.99
+ONNX_PRECISIONS = ("float32", "int8")
+CHECK_PHOTOS = 8
 OPSET = 17
 IR_VERSION = 8  # what opset 17 needs; newer `onnx` packages default to IR versions older runtimes refuse
+VECTORS, MAPS = "vectors", "maps"  # the graph's output: a feature model's vectors, a trunk's feature maps
 
 
 class OnnxUnsupported(RuntimeError):
@@ -47,7 +65,9 @@ def _flat_layers(model):
 
 
 def export_onnx(model) -> bytes:
-    """The feature model `(N, 224, 224, 3) uint8 -> (N, D) float32` as a serialized ONNX model."""
+    """A Keras model as a serialized ONNX model: a feature model `(N, 224, 224, 3) uint8 -> (N, D) float32`
+    (output "vectors"), or a trunk (`model.trunk_model`) `(N, H, W, 3) uint8 -> (N, H/16, W/16, 512) float32` for
+    images of any size (output "maps")."""
     import keras
     import onnx
     from onnx import TensorProto, helper, numpy_helper
@@ -122,14 +142,20 @@ def export_onnx(model) -> bytes:
             raise OnnxUnsupported(
                 f"layer {layer.name} ({type(layer).__name__}) has no ONNX translation here; use CBIR_EMBEDDER_BACKEND=keras"
             )
-    if layout != "ND":
-        raise OnnxUnsupported("the model does not end in a pooled or dense vector")
-    nodes.append(helper.make_node("Identity", [x], ["vectors"]))
-    dimension = dimension or model.outputs[0].shape[-1]
+    height, width = model.inputs[0].shape[1:3]
+    if layout == "NCHW" and len(model.outputs[0].shape) == 4:  # a trunk: its feature maps, NHWC as Keras gives them
+        nodes.append(helper.make_node("Transpose", [x], [MAPS], perm=[0, 2, 3, 1]))
+        output = helper.make_tensor_value_info(MAPS, TensorProto.FLOAT, ["N", "h", "w", int(model.outputs[0].shape[-1])])
+    elif layout == "ND":
+        nodes.append(helper.make_node("Identity", [x], [VECTORS]))
+        dimension = dimension or model.outputs[0].shape[-1]
+        output = helper.make_tensor_value_info(VECTORS, TensorProto.FLOAT, ["N", int(dimension)])
+    else:
+        raise OnnxUnsupported("the model does not end in a pooled or dense vector or in feature maps")
     graph = helper.make_graph(
         nodes, model.name,
-        [helper.make_tensor_value_info("pixels", TensorProto.UINT8, ["N", 224, 224, 3])],
-        [helper.make_tensor_value_info("vectors", TensorProto.FLOAT, ["N", int(dimension)])],
+        [helper.make_tensor_value_info("pixels", TensorProto.UINT8, ["N", height or "H", width or "W", 3])],
+        [output],
         inits,
     )
     onnx_model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="cbir",
@@ -156,7 +182,8 @@ def providers() -> list[str]:
 
 
 class OnnxRunner:
-    """`(N, 224, 224, 3) uint8 -> (N, D) float32` through ONNX Runtime; safe to call from any thread."""
+    """The exported model through ONNX Runtime (`(N, H, W, 3) uint8 -> vectors or maps`); safe to call from any
+    thread."""
 
     def __init__(self, serialized: bytes, *, threads: int = 0):
         import onnxruntime as ort
@@ -172,7 +199,7 @@ class OnnxRunner:
         self.providers = self.session.get_providers()
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
-        return self.session.run(["vectors"], {"pixels": np.ascontiguousarray(batch, dtype=np.uint8)})[0]
+        return self.session.run(None, {"pixels": np.ascontiguousarray(batch, dtype=np.uint8)})[0]
 
 
 def check_batch(count: int = 4) -> np.ndarray:
@@ -194,23 +221,113 @@ def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-30)
 
 
-def checked_runner(model, *, reference, pixels: np.ndarray | None = None) -> OnnxRunner:
-    """An `OnnxRunner` for `model`, checked to give the vectors of `reference` (the Keras runner of the same
-    model): every vector of a fixed check batch must have cosine >= MIN_COSINE with Keras's.
+def comparable(output: np.ndarray) -> np.ndarray:
+    """What the equivalence check compares: vectors as they are, a trunk's feature maps GeM-pooled (the
+    descriptor they become)."""
+    output = np.asarray(output, np.float32)
+    if output.ndim != 4:
+        return output
+    return np.stack([pool(fmap, "gem", 3.0) for fmap in output])
+
+
+def quantize_int8(serialized: bytes, calibration: Sequence[np.ndarray]) -> bytes:
+    """The float32 graph `serialized` with static int8 quantization (ONNX Runtime's `quantize_static`): int8
+    weights per output channel, uint8 activations whose ranges are the min and max seen over `calibration`
+    (uint8 images of the shapes the model will be given, run one at a time); QDQ format, which ONNX Runtime
+    fuses into integer convolutions (VNNI / AMX-INT8 where the CPU has them)."""
+    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    if not calibration:
+        raise ValueError("int8 quantization needs calibration images")
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.images = iter(calibration)
+
+        def get_next(self):
+            image = next(self.images, None)
+            return None if image is None else {"pixels": np.ascontiguousarray(image[None], dtype=np.uint8)}
+
+    with tempfile.TemporaryDirectory(prefix="cbir-int8-") as folder:
+        source, target = Path(folder, "float32.onnx"), Path(folder, "int8.onnx")
+        source.write_bytes(serialized)
+        with _without_preprocessing_advice():
+            quantize_static(str(source), str(target), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                            calibrate_method=CalibrationMethod.MinMax)
+        return target.read_bytes()
+
+
+@contextlib.contextmanager
+def _without_preprocessing_advice():
+    """quantize_static advises, on the root logger, to run `quant_pre_process` first: it brings symbolic shape
+    inference and graph fusions for transformer-like graphs; this plain Conv/ReLU graph was measured without it
+    (BENCHMARKS.md), so the advice would only puzzle whoever reads the embedder's log."""
+    def advice(record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Please consider to run pre-processing")
+
+    root = logging.getLogger()
+    root.addFilter(advice)
+    try:
+        yield
+    finally:
+        root.removeFilter(advice)
+
+
+def cached_int8(serialized: bytes, calibration: Sequence[np.ndarray], cache_dir: Path | None) -> bytes:
+    """`quantize_int8(serialized, calibration)`, kept in `cache_dir` under a hash of both: a restart with the same
+    weights and calibration photos loads it instead of calibrating again (tens of seconds)."""
+    digest = hashlib.sha256(serialized)
+    for image in calibration:
+        digest.update(repr(image.shape).encode())
+        digest.update(np.ascontiguousarray(image).tobytes())
+    path = Path(cache_dir).expanduser() / "onnx" / f"int8-{digest.hexdigest()[:20]}.onnx" if cache_dir else None
+    if path is not None and path.is_file():
+        log.info("int8 model from the cache: %s", path)
+        return path.read_bytes()
+    start = time.perf_counter()
+    quantized = quantize_int8(serialized, calibration)
+    log.info("int8 model calibrated on %d images in %.1f s", len(calibration), time.perf_counter() - start)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(f".{os.getpid()}.partial")
+        partial.write_bytes(quantized)
+        partial.replace(path)
+    return quantized
+
+
+def checked_runner(model, *, reference, pixels: np.ndarray | None = None, precision: str = "float32",
+                   calibration: Sequence[np.ndarray] = (), cache_dir: Path | None = None) -> OnnxRunner:
+    """An `OnnxRunner` for `model`, checked to give the vectors of `reference` (the Keras float32 runner of the
+    same model): every vector of the check pixels (default: `check_batch()`) must have cosine >= MIN_COSINE with
+    Keras's (a trunk's maps are compared pooled, `comparable`). With `precision="int8"` the graph is quantized
+    on the `calibration` images first (`cached_int8`), checked on the first CHECK_PHOTOS of them, and the bar is
+    MIN_COSINE_INT8.
 
     Raises `OnnxUnsupported` for a model it cannot translate and RuntimeError when the vectors differ.
     """
+    if precision not in ONNX_PRECISIONS:
+        raise ValueError(f"the onnx backend's precision must be one of {', '.join(ONNX_PRECISIONS)}, not {precision!r}")
     start = time.perf_counter()
-    runner = OnnxRunner(export_onnx(model))
-    pixels = check_batch() if pixels is None else pixels
-    expected = reference(pixels)
-    got = runner(pixels)
+    serialized = export_onnx(model)
+    if precision == "int8":
+        serialized = cached_int8(serialized, calibration, cache_dir)
+    runner = OnnxRunner(serialized)
+    if pixels is not None:
+        checks = [pixels]
+    elif precision == "int8":  # photos: int8 ranges fit photos, not the synthetic noise and checkerboard
+        checks = [image[None] for image in calibration[:CHECK_PHOTOS]]
+    else:
+        checks = [check_batch()]
+    expected = np.concatenate([comparable(reference(batch)) for batch in checks])
+    got = np.concatenate([comparable(runner(batch)) for batch in checks])
+    bar = MIN_COSINE_INT8 if precision == "int8" else MIN_COSINE
     worst = float(cosines(expected, got).min()) if np.abs(expected).sum() else 1.0
-    if got.shape != expected.shape or worst < MIN_COSINE:
+    if got.shape != expected.shape or worst < bar:
         raise RuntimeError(
-            f"the ONNX model's vectors differ from Keras's (lowest cosine {worst:.6f} < {MIN_COSINE}); "
+            f"the ONNX model's {precision} vectors differ from Keras's (lowest cosine {worst:.6f} < {bar}); "
             f"use CBIR_EMBEDDER_BACKEND=keras"
         )
-    log.info("embedder backend: ONNX Runtime %s, exported and checked against Keras in %.1f s (lowest cosine %.7f)",
-             runner.providers, time.perf_counter() - start, worst)
+    log.info("embedder backend: ONNX Runtime %s, %s, exported and checked against Keras in %.1f s (lowest cosine "
+             "%.7f)", runner.providers, precision, time.perf_counter() - start, worst)
     return runner

@@ -35,7 +35,7 @@ class EmbedderSettings(ServerSettings):
         "auto", description="squash: the image resized to input_size x input_size (the original VGG-16 input); "
         "keep_aspect: its longer side to input_size, proportions kept (feature gem); squash+keep_aspect: both "
         "passes (224 x 224 and longer side input_size), their descriptors summed; auto: squash+keep_aspect for "
-        "feature gem on the keras backend (measured best, BENCHMARKS.md), squash otherwise (fc1, onnx)"
+        "feature gem (measured best, BENCHMARKS.md), squash for fc1"
     )
     local_features: bool = Field(
         True, description="with resize=keep_aspect or squash+keep_aspect: also extract RootSIFT local features "
@@ -56,11 +56,16 @@ class EmbedderSettings(ServerSettings):
         "keras", description="inference engine: keras (TensorFlow), or onnx (ONNX Runtime, the same model exported "
         "at start and checked to give the same vectors; needs the `onnx` extra)"
     )
-    precision: Literal["auto", "float32", "bfloat16"] = Field(
-        "auto", description="the network's arithmetic on the keras backend: float32, or bfloat16 (Keras mixed "
-        "precision: bfloat16 maths, float32 weights and vectors; cosine to float32 >= 0.9999 with ImageNet weights, "
-        "BENCHMARKS.md); auto = bfloat16 where the CPU has bfloat16 instructions (AMX, AVX512-BF16) or TensorFlow "
-        "sees a GPU, float32 elsewhere and on the onnx backend"
+    precision: Literal["auto", "float32", "bfloat16", "int8"] = Field(
+        "auto", description="the network's arithmetic: float32; bfloat16 (keras backend: Keras mixed precision, "
+        "bfloat16 maths, float32 weights and vectors; cosine to float32 >= 0.9999 with ImageNet weights, "
+        "BENCHMARKS.md); int8 (onnx backend: static quantization calibrated on the `calibration` photos; cosine "
+        ">= 0.999); auto = bfloat16 on the keras backend where the CPU has bfloat16 instructions (AMX, "
+        "AVX512-BF16) or TensorFlow sees a GPU, float32 elsewhere"
+    )
+    calibration: Path | None = Field(
+        None, description="precision=int8: a folder of photos like those to be indexed; the first 64 (by name) "
+        "give the activation ranges. The quantized model is kept in cache_dir for the next start"
     )
     max_batch: int = Field(32, ge=1, description="most images per model call")
     batch_timeout_ms: float = Field(
@@ -120,7 +125,7 @@ class EmbedderSettings(ServerSettings):
             raise ValueError("feature fc1 takes the fixed 224x224 input of VGG-16's top: it has no multi-scale "
                              "option (use scales=1, or feature gem)")
         if self.resize == "auto":
-            self.resize = "squash+keep_aspect" if self.feature == "gem" and self.backend == "keras" else "squash"
+            self.resize = "squash+keep_aspect" if self.feature == "gem" else "squash"
         if self.input_size == 0:
             self.input_size = 224 if self.resize == "squash" else 448
         if self.input_size < 32:
@@ -134,8 +139,15 @@ class EmbedderSettings(ServerSettings):
             raise ValueError(f"pooling={self.pooling} and whitening need resize=keep_aspect or squash+keep_aspect")
         if self.resize == "keep_aspect" and self.feature != "gem":
             raise ValueError("resize=keep_aspect needs feature gem: fc1 takes the fixed 224 x 224 input")
-        if self.resize != "squash" and self.backend != "keras":
-            raise ValueError(f"resize={self.resize} runs on the keras backend only (the ONNX export takes 224 x 224)")
         if self.precision == "bfloat16" and self.backend != "keras":
-            raise ValueError("precision=bfloat16 runs on the keras backend only (the ONNX export is float32)")
+            raise ValueError("precision=bfloat16 runs on the keras backend only (the onnx backend has float32 and "
+                             "int8)")
+        if self.precision == "int8" and self.backend != "onnx":
+            raise ValueError("precision=int8 runs on the onnx backend (ONNX Runtime's quantization): set "
+                             "backend=onnx as well")
+        if self.precision == "int8" and self.calibration is None:
+            raise ValueError("precision=int8 needs calibration photos: set calibration to a folder of photos like "
+                             "those you will index (the first 64 are used)")
+        if self.calibration is not None and not self.calibration.expanduser().is_dir():
+            raise ValueError(f"calibration must be a folder of photos; {self.calibration} is not a folder")
         return self
