@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 SERVICE = "embedder"  # the `service` label of cbir_stage_seconds
 BACKENDS = ("keras", "onnx")
 
-Runner = Callable[[np.ndarray], np.ndarray]  # (N, 224, 224, 3) uint8 -> (N, D) float32, callable from any thread
+Runner = Callable[[np.ndarray], np.ndarray]  # (N, H, W, 3) uint8 -> (N, D) vectors or a trunk's maps; any thread
 
 
 def compile_runner(model, backend: Literal["keras", "onnx"] = "keras", *, precision: str = "float32",

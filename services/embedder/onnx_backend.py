@@ -264,7 +264,8 @@ def _without_preprocessing_advice():
     inference and graph fusions for transformer-like graphs; this plain Conv/ReLU graph was measured without it
     (BENCHMARKS.md), so the advice would only puzzle whoever reads the embedder's log."""
     def advice(record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("Please consider to run pre-processing")
+        message = str(record.msg)
+        return not (message.startswith("Please consider") and "pre-processing" in message)
 
     root = logging.getLogger()
     root.addFilter(advice)
