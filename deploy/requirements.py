@@ -31,9 +31,9 @@ COMMON = [
 
 SERVICES: dict[str, list[str]] = {
     # VGG-16 and the local features (OpenCV's SIFT); also everything `cbir index build` needs, so the
-    # image can build in-process too.
+    # image can build in-process too. onnx, onnxruntime: CBIR_EMBEDDER_BACKEND=onnx and its int8 precision.
     "embedder": COMMON + ["tensorflow", "keras", "h5py", "numpy", "pillow", "annoy", "faiss-cpu", "tqdm", "urllib3",
-                          "opencv-python-headless"],
+                          "opencv-python-headless", "onnx", "onnxruntime"],
     # The Annoy or faiss bundle (faiss is imported only for a faiss bundle) and geometric verification
     # (OpenCV's RANSAC on the stored local features); and `cbir index build --embedder ...` (the
     # one-shot build job), which embeds through the embedder service and decodes images with Pillow
