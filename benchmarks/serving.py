@@ -88,15 +88,18 @@ def stage_sums(metrics_port: str, service_name: str, stage: str) -> tuple[float,
 
 
 def cmd_model(args) -> None:
-    """Keras `model(x)` (traced), Keras `predict` (the original system's call) and ONNX Runtime, interleaved."""
+    """Keras `model(x)` (traced), Keras `predict` (the original system's call) and ONNX Runtime, interleaved, on
+    photos squashed to 224 x 224: the network of the feature model, or of the descriptor model's trunk (its
+    maps compared pooled)."""
     from services.embedder import onnx_backend
-    from services.embedder.embedder import Embedder
+    from services.embedder.embedder import Embedder, compile_runner
+    from services.embedder.images import fit
 
     embedder = Embedder.from_settings(embedder_settings(args, backend="keras"))
-    pixels = np.stack([embedder.decode(data) for data in image_bytes(32)])
-    keras_run = embedder.runner
+    pixels = np.stack([fit(embedder.decode(data), "squash", 224) for data in image_bytes(32)])
+    keras_run = compile_runner(embedder.model, "keras")
     onnx_run = onnx_backend.OnnxRunner(onnx_backend.export_onnx(embedder.model))
-    cos = onnx_backend.cosines(keras_run(pixels), onnx_run(pixels))
+    cos = onnx_backend.cosines(onnx_backend.comparable(keras_run(pixels)), onnx_backend.comparable(onnx_run(pixels)))
     log(f"ONNX Runtime vs Keras on 32 demo photos: cosine min {cos.min():.7f}, mean {cos.mean():.7f}")
     engines = {"keras model(x)": keras_run, "onnx runtime": onnx_run,
                "keras predict": lambda x: embedder.model.predict(x, verbose=0)}
