@@ -14,8 +14,8 @@ import urllib.parse
 from typing import Iterator
 
 from cbir.download import Downloader, FetchError, FetchLimits, UrlPolicy
+from cbir.image_files import IMAGE_SUFFIXES
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 ID_COLUMNS = ("id", "item_id", "ImageID")
 LOCATION_COLUMNS = ("path", "url", "OriginalURL")
 

@@ -10,11 +10,11 @@ from pathlib import Path
 import numpy as np
 
 from cbir.errors import BadImage, SetupError
+from cbir.image_files import IMAGE_SUFFIXES
 
 log = logging.getLogger(__name__)
 
 CALIBRATION_PHOTOS = 64
-PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
 def calibration_images(folder: Path, decode: Callable[[bytes], np.ndarray],
@@ -23,7 +23,7 @@ def calibration_images(folder: Path, decode: Callable[[bytes], np.ndarray],
     """The first `count` photos of `folder` (by name, sub-folders included) that `decode` takes, each given as
     every one of `shapes` makes it (one per network pass); SetupError in words when none is usable."""
     folder = Path(folder).expanduser()
-    files = sorted(path for path in folder.rglob("*") if path.suffix.lower() in PHOTO_SUFFIXES and path.is_file())
+    files = sorted(path for path in folder.rglob("*") if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file())
     images: list[np.ndarray] = []
     used = 0
     for path in files:
@@ -38,7 +38,7 @@ def calibration_images(folder: Path, decode: Callable[[bytes], np.ndarray],
         used += 1
     if not used:
         raise SetupError(f"the calibration folder {folder} holds no photo that can be decoded "
-                         f"({', '.join(PHOTO_SUFFIXES)}); int8 needs photos like those you will index")
+                         f"({', '.join(sorted(IMAGE_SUFFIXES))}); int8 needs photos like those you will index")
     if used < count:
         log.warning("calibration: %d photos in %s (%d are used where there are enough)", used, folder, count)
     return images
